@@ -1,0 +1,148 @@
+"""Command line: argument parsing only; each command calls one function.
+
+    selfinstruct generate --seeds seeds/ --teacher Qwen/Qwen2.5-1.5B-Instruct --num-instructions 100
+    selfinstruct train --data outputs/<run> --student Qwen/Qwen2.5-0.5B
+
+Exit codes: 0 success, 2 bad usage or bad input (the message names file, line and problem),
+1 anything else (an unreachable teacher, a teacher that never produces usable output), 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from selfinstruct import __version__
+from selfinstruct.config import Config, field_help, load_config
+from selfinstruct.errors import TeacherError, UserError
+
+console = Console(stderr=True)
+
+
+def _flag(p: argparse.ArgumentParser, flag: str, key: str, **kw: Any) -> None:
+    p.add_argument(flag, dest=key, default=None, help=field_help(key), **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfinstruct", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"selfinstruct {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="Grow an instruction dataset from seed tasks with a teacher model.")
+    _flag(g, "--seeds", "generate.seeds", metavar="PATH")
+    _flag(g, "--method", "generate.method", choices=["self-instruct"])
+    _flag(g, "--teacher", "teacher.model", metavar="MODEL")
+    _flag(g, "--backend", "teacher.backend", choices=["auto", "vllm", "openai", "transformers"])
+    g.add_argument("--base-url", dest="teacher.base_urls", action="append", default=None, metavar="URL",
+                   help=field_help("teacher.base_urls") + " Repeat for several servers.")
+    _flag(g, "--prompt-format", "teacher.prompt_format", choices=["auto", "chat", "completion"])
+    _flag(g, "--num-instructions", "generate.num_instructions", type=int, metavar="N")
+    _flag(g, "--out", "generate.out", metavar="DIR")
+    _flag(g, "--seed", "generate.seed", type=int, metavar="S")
+    g.add_argument("--resume", dest="generate.resume", action="store_true", default=None,
+                   help=field_help("generate.resume"))
+    g.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="LoRA-tune a student on generated (or any supported) data.")
+    _flag(t, "--data", "train.data", metavar="PATH")
+    _flag(t, "--student", "train.student", metavar="MODEL")
+    _flag(t, "--out", "train.out", metavar="DIR")
+    t.add_argument("--resume", dest="train.resume", action="store_true", default=None,
+                   help=field_help("train.resume"))
+    t.add_argument("--preview", type=int, metavar="N", default=None,
+                   help="Show N tokenised examples with trained tokens marked, and do not train.")
+    t.add_argument("--json", action="store_true", help="With --preview: print JSON instead of colours.")
+    t.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
+    t.set_defaults(func=cmd_train)
+    return parser
+
+
+def _config(args: argparse.Namespace, resume_dir: str | None) -> Config:
+    overrides = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    path = args.config
+    if path is None and resume_dir and (Path(resume_dir) / "config.yaml").exists():
+        path = str(Path(resume_dir) / "config.yaml")  # a resumed run keeps the settings it started with
+    return load_config(path, overrides)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from selfinstruct.generate.loop import run_generate
+
+    cfg = _config(args, getattr(args, "generate.out") if getattr(args, "generate.resume") else None)
+    out = run_generate(cfg)
+    console.print(f"[green]done:[/] {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config(args, None)
+    if args.preview is not None:
+        return preview(cfg, args.preview, args.json)
+    from selfinstruct.train import run_train
+
+    out = run_train(cfg)
+    console.print(f"[green]done:[/] {out}")
+    return 0
+
+
+def preview(cfg: Config, n: int, as_json: bool) -> int:
+    """Tokenise the first n training examples and show which tokens are trained."""
+    from transformers import AutoTokenizer
+
+    from selfinstruct.dataset import load_training_data
+    from selfinstruct.train import IGNORE, prepare_tokenizer, tokenize_conversation
+
+    if cfg.train.data is None:
+        raise UserError("train --preview needs --data")
+    convs, _ = load_training_data(cfg.train.data)
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.train.student)
+    except OSError as e:
+        raise UserError(f"cannot load the student's tokenizer '{cfg.train.student}': {e}") from None
+    prepare_tokenizer(tok, cfg.train.chat_template)
+    shown = []
+    for conv in convs[:n]:
+        row = tokenize_conversation(tok, conv, cfg.train.max_length)
+        shown.append([{"token": tok.decode([i]), "id": i, "trained": lab != IGNORE}
+                      for i, lab in zip(row["input_ids"], row["labels"], strict=True)])
+    if as_json:
+        print(json.dumps(shown, ensure_ascii=False))
+        return 0
+    out = Console()
+    for k, toks in enumerate(shown):
+        out.rule(f"example {k} · {sum(t['trained'] for t in toks)} of {len(toks)} tokens trained "
+                 "([green]green[/] = trained)")
+        for t in toks:
+            out.print(t["token"], style="bold green" if t["trained"] else "dim", end="", markup=False,
+                      highlight=False)
+        out.print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from selfinstruct.generate.loop import StalledError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        return 2
+    except (TeacherError, StalledError) as e:
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted.[/] Everything accepted so far is on disk; run the same command "
+                      "with --resume to continue.")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

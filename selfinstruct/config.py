@@ -1,0 +1,379 @@
+"""Configuration: dataclasses with help text per field, a YAML or TOML file, CLI overrides on top.
+
+    cfg = load_config("my.yaml", {"teacher.model": "Qwen/Qwen2.5-7B-Instruct"})
+
+Nothing outside this module and cli.py reads argv or config files. Every field carries its help
+text in `metadata["help"]`; `config_reference()` renders them as the README's config table.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfinstruct.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_TEACHER = "Qwen/Qwen2.5-1.5B-Instruct"
+DEFAULT_STUDENT = "Qwen/Qwen2.5-0.5B"
+# Self-Instruct's keyword blacklist, plus the words Alpaca added.
+DEFAULT_BLACKLIST = [
+    "image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+    "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram",
+]
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with help text (and allowed values). Mutable defaults are copied per instance."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class ConfigValueError(ValueError):
+    """A value out of range; `key` is the field name so the loader can point at its line."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigValueError(key, message)
+
+
+@dataclass
+class Sampling:
+    """Sampling parameters of one teacher request (OpenAI / vLLM names)."""
+
+    temperature: float = opt(0.7, "Sampling temperature; 0 means greedy.")
+    top_p: float = opt(1.0, "Nucleus sampling mass.")
+    max_tokens: int = opt(512, "Most new tokens per completion (always sent: vLLM's default is 16).")
+    presence_penalty: float = opt(0.0, "OpenAI-style presence penalty on tokens already generated.")
+    frequency_penalty: float = opt(0.0, "OpenAI-style frequency penalty on tokens already generated.")
+    stop: list[str] = opt([], "Stop strings; the completion is cut before the first one.")
+    n: int = opt(1, "Completions per request.")
+    seed: int | None = opt(None, "Per-request seed (set by the generation loop from the run seed).")
+
+    def __post_init__(self) -> None:
+        _require(self.temperature >= 0, "temperature", "must be >= 0")
+        _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _require(self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        _require(self.n >= 1, "n", "must be >= 1")
+
+
+@dataclass
+class TeacherConfig:
+    model: str = opt(DEFAULT_TEACHER, "Teacher model: a hub id or a local path (served name for `openai`).")
+    backend: str = opt("auto", "Where the teacher runs. `auto`: openai when base_urls are given, else "
+                       "transformers (in-process).",
+                       ("auto", "vllm", "openai", "transformers"))
+    base_urls: list[str] = opt([], "OpenAI-compatible server URLs (e.g. http://127.0.0.1:8000/v1).")
+    api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the API key (never written out).")
+    prompt_format: str = opt("auto", "Send prompts as a user chat message or as plain completions. `auto`: "
+                             "chat when the model has a chat template (transformers) / always for openai.",
+                             ("auto", "chat", "completion"))
+    batch_size: int = opt(16, "transformers backend: sequences generated together.")
+    max_concurrency: int = opt(64, "openai backend: requests in flight at once.")
+    request_timeout: float = opt(300.0, "openai backend: seconds before a request is abandoned and retried.")
+    max_retries: int = opt(4, "openai backend: retries per request on connection errors, 429 and 5xx.")
+    device: str = opt("auto", "transformers backend: auto, cpu, cuda or mps.")
+    dtype: str = opt("auto", "transformers backend: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
+                     "float16.", ("auto", "float32", "bfloat16", "float16"))
+    trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code.")
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
+        _require(self.request_timeout > 0, "request_timeout", "must be > 0")
+        _require(self.max_retries >= 0, "max_retries", "must be >= 0")
+        for url in self.base_urls:
+            _require(url.startswith(("http://", "https://")), "base_urls", f"'{url}' is not an http(s) URL")
+
+
+@dataclass
+class FilterConfig:
+    min_words: int = opt(4, "Drop instructions with fewer words (the paper keeps > 3).")
+    max_words: int = opt(150, "Drop instructions with more words.")
+    blacklist: list[str] = opt(DEFAULT_BLACKLIST, "Drop instructions containing any of these whole words "
+                               "(tasks a text-only model cannot do).")
+    banned_prefixes: list[str] = opt(["Write a program"], "Drop instructions starting with these.")
+    rouge_threshold: float = opt(0.7, "Drop an instruction whose ROUGE-L F1 against any pool instruction "
+                                 "(seeds, accepted, earlier rounds) is >= this.")
+
+    def __post_init__(self) -> None:
+        _require(self.min_words >= 1, "min_words", "must be >= 1")
+        _require(self.max_words >= self.min_words, "max_words", "must be >= min_words")
+        _require(0 < self.rouge_threshold <= 1, "rouge_threshold", "must be in (0, 1]")
+
+
+@dataclass
+class GenerateConfig:
+    seeds: str = opt("seeds", "Seed tasks: a file or a directory of .jsonl/.json files.")
+    method: str = opt("self-instruct", "Generation recipe.", ("self-instruct",))
+    num_instructions: int = opt(100, "Stop after this many accepted instructions (each with its instances).")
+    out: str | None = opt(None, "Run directory; default outputs/<date>-<time>-<method>.")
+    seed: int = opt(42, "Seed of every random choice (demo sampling, teacher sampling, split).")
+    resume: bool = opt(False, "Continue the run in `out` instead of refusing to touch it.")
+    num_prompt_instructions: int = opt(8, "Demonstrations per instruction-generation prompt.")
+    num_machine_demos: int = opt(2, "Of those, how many come from already generated instructions.")
+    request_batch_size: int = opt(8, "Instruction-generation prompts per step.")
+    max_instances: int = opt(5, "Most instances generated per instruction.")
+    max_stalled_requests: int = opt(64, "Give up after this many teacher requests in a row that yield no "
+                                    "accepted instruction (a broken teacher ends, it does not loop).")
+    test_size: float = opt(0.1, "Fraction of records in the dataset's test split.")
+    instruction_sampling: Sampling = opt(
+        Sampling(temperature=0.7, top_p=0.5, max_tokens=1024, presence_penalty=2.0,
+                 stop=["\n\n", "\n16", "16.", "16 ."]),
+        "Sampling for new instructions (the paper's values).")
+    classify_sampling: Sampling = opt(
+        Sampling(temperature=0.0, max_tokens=3, stop=["\n", "Task"]),
+        "Sampling for the classification Yes/No question.")
+    instance_sampling: Sampling = opt(
+        Sampling(temperature=0.0, max_tokens=350, presence_penalty=1.5, stop=["Task:"]),
+        "Sampling for instances (\"Example N+1\" is added as a stop string).")
+
+    def __post_init__(self) -> None:
+        _require(self.num_instructions >= 1, "num_instructions", "must be >= 1")
+        _require(self.num_prompt_instructions >= 1, "num_prompt_instructions", "must be >= 1")
+        _require(0 <= self.num_machine_demos <= self.num_prompt_instructions, "num_machine_demos",
+                 "must be between 0 and num_prompt_instructions")
+        _require(self.request_batch_size >= 1, "request_batch_size", "must be >= 1")
+        _require(self.max_instances >= 1, "max_instances", "must be >= 1")
+        _require(self.max_stalled_requests >= 1, "max_stalled_requests", "must be >= 1")
+        _require(0 <= self.test_size < 1, "test_size", "must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = opt(None, "A generate run directory, or an Alpaca / Self-Instruct / chat JSON(L) file.")
+    student: str = opt(DEFAULT_STUDENT, "Student model: a hub id or a local path.")
+    out: str | None = opt(None, "Where the adapter goes; default <data run>/adapter or outputs/<time>-train.")
+    resume: bool = opt(False, "Resume from the last checkpoint in `out`.")
+    chat_template: str | None = opt(None, "A Jinja chat template file to use instead of the student's own.")
+    epochs: float = opt(3.0, "Passes over the training split.")
+    learning_rate: float = opt(2e-4, "Peak learning rate (LoRA).")
+    batch_size: int = opt(8, "Sequences per device per step.")
+    grad_accum: int = opt(1, "Gradient accumulation steps.")
+    max_length: int = opt(1024, "Tokens per example; longer ones are cut at the end.")
+    warmup_ratio: float = opt(0.03, "Fraction of steps spent warming up the learning rate.")
+    lora_r: int = opt(16, "LoRA rank (vLLM serves <= max_lora_rank, 16 by default).")
+    lora_alpha: int = opt(32, "LoRA scaling numerator.")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA path.")
+    target_modules: list[str] = opt(["all-linear"], "Modules that get adapters; `all-linear` = every linear "
+                                    "layer but the output head.")
+    group_by_length: bool = opt(True, "Batch examples of similar length (less padding, same loss).")
+    logging_steps: int = opt(10, "Log loss every N steps.")
+    save_steps: int = opt(200, "Checkpoint every N steps (for --resume).")
+    seed: int = opt(42, "Seed of initialisation, shuffling and dropout.")
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "epochs", "must be > 0")
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        _require(self.max_length >= 16, "max_length", "must be >= 16")
+        _require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        _require(self.lora_r >= 1, "lora_r", "must be >= 1")
+        _require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        _require(bool(self.target_modules), "target_modules", "must name at least one module")
+        _require(self.logging_steps >= 1 and self.save_steps >= 1, "save_steps", "steps must be >= 1")
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = opt(TeacherConfig(), "The teacher model and where it runs.")
+    generate: GenerateConfig = opt(GenerateConfig(), "Data generation.")
+    filters: FilterConfig = opt(FilterConfig(), "Filters applied to generated instructions.")
+    train: TrainConfig = opt(TrainConfig(), "LoRA supervised fine-tuning of the student.")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the file (YAML or TOML), then `overrides` ({"section.key": value}); validated."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    if path is not None:
+        data, lines = _read_file(Path(path))
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+        lines.pop(dotted, None)  # a flag, not the file, is now responsible for this value
+    try:
+        return _build(Config, data, "", lines, path)
+    except ConfigValueError as e:  # raised by __post_init__ of a section we could not name more precisely
+        raise UserError(str(e), path) from None
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError("config file not found", path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file: {e}", path) from None
+    if path.suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            m = re.search(r"line (\d+)", str(e))
+            raise UserError(f"invalid TOML: {e}", path, int(m.group(1)) if m else None) from None
+        lines = _toml_key_lines(text)
+    elif path.suffix in (".yaml", ".yml"):
+        try:
+            node = yaml.compose(text)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise UserError(f"invalid YAML: {getattr(e, 'problem', e)}", path,
+                            mark.line + 1 if mark else None) from None
+        lines = _yaml_key_lines(node, "") if node is not None else {}
+    else:
+        raise UserError("config files must end in .yaml, .yml or .toml", path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError("the config must be a mapping of sections (teacher, generate, filters, train)", path, 1)
+    return data, lines
+
+
+def _yaml_key_lines(node: yaml.Node, prefix: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            out[dotted] = key_node.start_mark.line + 1
+            out.update(_yaml_key_lines(value_node, dotted + "."))
+    return out
+
+
+def _toml_key_lines(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    table = ""
+    for no, line in enumerate(text.splitlines(), 1):
+        if m := re.match(r"\s*\[\s*([\w.\- ]+?)\s*\]", line):
+            table = m.group(1).replace(" ", "") + "."
+            out[table[:-1]] = no
+        elif m := re.match(r"\s*([\w\-.]+)\s*=", line):
+            out[table + m.group(1)] = no
+    return out
+
+
+def _build(cls: type, data: Any, prefix: str, lines: dict[str, int], path: Any) -> Any:
+    where = prefix[:-1] or "the config"
+    if not isinstance(data, dict):
+        raise UserError(f"'{where}' must be a mapping, got {type(data).__name__}", path, lines.get(prefix[:-1]))
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise UserError(f"unknown key '{prefix}{key}' (known: {', '.join(known)})", path,
+                            lines.get(prefix + str(key)))
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        dotted = prefix + name
+        values[name] = _coerce(value, hints[name], known[name].metadata.get("choices"), dotted, lines, path)
+    try:
+        return cls(**values)
+    except ConfigValueError as e:
+        raise UserError(f"'{prefix}{e.key}': {str(e).split(': ', 1)[1]}", path,
+                        lines.get(prefix + e.key)) from None
+
+
+def _coerce(value: Any, hint: Any, choices: Any, dotted: str, lines: dict[str, int], path: Any) -> Any:
+    line = lines.get(dotted)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, dotted + ".", lines, path)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    bad = f"'{dotted}' must be {_type_name(hint)}, got {value!r}"
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):  # a single string where a list is expected: accept it as a 1-list
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
+            raise UserError(bad, path, line)
+        return list(value)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise UserError(bad, path, line)
+    if choices and value not in choices:
+        raise UserError(f"'{dotted}' must be one of {', '.join(choices)}, got {value!r}", path, line)
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {typing.get_args(hint)[0].__name__}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+# ---------------------------------------------------------------- writing and documenting
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def field_help(dotted: str) -> str:
+    """The help text of `section.key`, for argparse."""
+    cls: Any = Config
+    *parents, last = dotted.split(".")
+    for p in parents:
+        cls = typing.get_type_hints(cls)[p]
+    f = {f.name: f for f in dataclasses.fields(cls)}[last]
+    return f.metadata["help"]
+
+
+def config_reference() -> str:
+    """A markdown table of every config key, its default and its help (kept in the README)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, Sampling):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            default = dataclasses.asdict(value) if isinstance(value, Sampling) else value
+            shown = yaml.safe_dump(default, default_flow_style=True, width=10_000).strip()
+            shown = shown.removesuffix("...").strip().replace("|", "\\|").replace("\n", "\\n")
+            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {f.metadata['help']} |")
+
+    walk(Config(), "")
+    return "\n".join(rows)

@@ -1,0 +1,58 @@
+"""Records <-> a HF `datasets` dataset in chat `messages` form, and training data from any input.
+
+    save_dataset(records, run / "dataset", test_size=0.1, seed=42)
+    train, test = load_training_data("outputs/run")   # a run dir, or an Alpaca / Self-Instruct / chat file
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from selfinstruct.errors import UserError
+from selfinstruct.records import Record, read_jsonl
+from selfinstruct.seeds import load_conversations
+
+Conversation = list[dict[str, str]]
+
+
+def save_dataset(records: list[dict[str, Any]], path: Path, test_size: float, seed: int) -> dict[str, int]:
+    """A DatasetDict with `train` and `test` splits of {"id", "messages", "method"}; replaced atomically."""
+    rows = [{"id": r["id"], "method": r["method"], "messages": Record(**r).messages()} for r in records]
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_test = 0 if len(rows) < 2 or test_size == 0 else max(1, round(len(rows) * test_size))
+    test_idx = set(order[:n_test])
+    empty = {"id": [], "method": [], "messages": []}
+    split = {
+        "train": [rows[i] for i in range(len(rows)) if i not in test_idx],
+        "test": [rows[i] for i in range(len(rows)) if i in test_idx],
+    }
+    dd = datasets.DatasetDict({
+        k: datasets.Dataset.from_list(v) if v else datasets.Dataset.from_dict(empty) for k, v in split.items()})
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dd.save_to_disk(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return {k: len(v) for k, v in split.items()}
+
+
+def load_training_data(path: str | Path) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, eval) conversations. A run directory gives its dataset's splits; a file is all train."""
+    p = Path(path)
+    if p.is_dir() and (p / "dataset" / "dataset_dict.json").exists():
+        dd = datasets.load_from_disk(str(p / "dataset"))
+        return [r["messages"] for r in dd["train"]], [r["messages"] for r in dd["test"]]
+    if p.is_dir() and (p / "generated.jsonl").exists():
+        return [Record(**r).messages() for r in read_jsonl(p / "generated.jsonl")], []
+    if p.is_dir() and (p / "state.json").exists():
+        raise UserError("this run directory has no accepted records yet", p)
+    convs = load_conversations(p)
+    if not convs:
+        raise UserError("no training examples found", p)
+    return convs, []

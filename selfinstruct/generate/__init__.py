@@ -1,0 +1,1 @@
+"""Data generation: recipes (self_instruct), parsing of teacher output (parse), the run loop (loop)."""

@@ -1,0 +1,216 @@
+"""A generate run: its directory, its durable state, and the steps from seeds to dataset.
+
+    run_dir = run_generate(cfg)        # selfinstruct generate
+
+Layout of a run directory:
+    config.yaml       the resolved config          generated.jsonl   accepted records (append + fsync)
+    rejected.jsonl    rejected candidates + reason  state.json        counters and step, per batch
+    stats.json        the final counts              dataset/          HF datasets DatasetDict (train/test)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from selfinstruct.config import Config, dump_yaml
+from selfinstruct.dedup import RougePool
+from selfinstruct.errors import UserError
+from selfinstruct.records import JsonlAppender, Record, read_jsonl, write_atomic, write_json
+from selfinstruct.seeds import SeedTask, load_tasks
+from selfinstruct.teacher import Teacher, make_teacher
+
+console = Console(stderr=True)
+
+
+@dataclass
+class Run:
+    """Everything a recipe step reads and writes. Counters are checkpointed to state.json per step."""
+
+    dir: Path
+    cfg: Config
+    teacher: Teacher
+    seeds: list[SeedTask]
+    pool: RougePool = field(default_factory=RougePool)
+    machine: list[tuple[str, str]] = field(default_factory=list)  # (instruction, first record id)
+    counts: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    step: int = 0
+    stalled_requests: int = 0
+    n_records: int = 0
+    round: int = 1
+    _accepted: JsonlAppender | None = None
+    _rejected: JsonlAppender | None = None
+
+    def open(self) -> None:
+        self._accepted = JsonlAppender(self.dir / "generated.jsonl")
+        self._rejected = JsonlAppender(self.dir / "rejected.jsonl")
+
+    def close(self) -> None:
+        for f in (self._accepted, self._rejected):
+            if f is not None:
+                f.close()
+
+    def next_id(self) -> str:
+        self.n_records += 1
+        return f"r{self.round}-{self.n_records:06d}"
+
+    def reject(self, rows: list[dict[str, Any]]) -> None:
+        """Each row needs `stage` and `reason`; they are written and counted."""
+        for r in rows:
+            self.reasons[r["reason"]] += 1
+        self._rejected.write_many(rows)
+
+    def accept(self, records: list[Record]) -> None:
+        self._accepted.write_many([r.to_json() for r in records])
+
+    def checkpoint(self) -> None:
+        write_json(self.dir / "state.json", {
+            "step": self.step, "stalled_requests": self.stalled_requests, "n_records": self.n_records,
+            "counts": dict(self.counts), "reasons": dict(self.reasons)})
+
+    @property
+    def accepted_instructions(self) -> int:
+        return len(self.machine)
+
+
+def default_run_dir(method: str) -> Path:
+    return Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-{method}"
+
+
+def prepare_run_dir(out: Path, resume: bool) -> None:
+    """Refuse to mix two runs in one directory unless asked to resume."""
+    if out.exists() and not out.is_dir():
+        raise UserError("--out exists and is not a directory", out)
+    if not resume and out.is_dir() and any((out / f).exists() for f in ("generated.jsonl", "state.json")):
+        raise UserError("this directory already holds a run: pass --resume to continue it, or another --out", out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the run directory: {e.strerror}", out) from None
+
+
+def _restore(run: Run) -> None:
+    """Rebuild the in-memory state of an interrupted run from its files."""
+    for s in run.seeds:
+        run.pool.add(s.instruction)
+    state_path = run.dir / "state.json"
+    if not state_path.exists():
+        return
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    run.step, run.stalled_requests = state["step"], state["stalled_requests"]
+    run.counts, run.reasons = Counter(state["counts"]), Counter(state["reasons"])
+    records = read_jsonl(run.dir / "generated.jsonl")
+    run.n_records = len(records)
+    for rec in records:
+        if not run.machine or run.machine[-1][0] != rec["instruction"]:
+            run.machine.append((rec["instruction"], rec["id"]))
+            run.pool.add(rec["instruction"])
+    for rej in read_jsonl(run.dir / "rejected.jsonl"):
+        if rej.get("in_pool"):
+            run.pool.add(rej["instruction"])
+
+
+def run_generate(cfg: Config) -> Path:
+    """Generate until `num_instructions` are accepted (or the teacher stalls); write stats and dataset."""
+    from selfinstruct.generate import self_instruct
+
+    gcfg = cfg.generate
+    seeds = load_tasks(gcfg.seeds)  # validate input before creating anything
+    out = Path(gcfg.out) if gcfg.out else default_run_dir(gcfg.method)
+    prepare_run_dir(out, gcfg.resume)
+    cfg.generate.out = str(out)
+    write_atomic(out / "config.yaml", dump_yaml(cfg))
+    teacher = make_teacher(cfg.teacher)
+    run = Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds)
+    _restore(run)
+    run.open()
+    started = time.monotonic()
+    stopped = "target_reached"
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("instructions", total=gcfg.num_instructions,
+                                completed=run.accepted_instructions, info="")
+            while run.accepted_instructions < gcfg.num_instructions:
+                if run.stalled_requests >= gcfg.max_stalled_requests:
+                    stopped = "stalled"
+                    break
+                self_instruct.step(run)
+                run.checkpoint()
+                bar.update(task, completed=run.accepted_instructions,
+                           info=f"{run.n_records} records · {sum(run.reasons.values())} rejected")
+    finally:
+        run.close()
+        teacher.close()
+    stats = finish(run, stopped, time.monotonic() - started)
+    print_summary(stats)
+    if stopped == "stalled":
+        raise StalledError(run, stats)
+    return out
+
+
+class StalledError(Exception):
+    """The teacher made no progress within the request budget (CLI exit code 1)."""
+
+    def __init__(self, run: Run, stats: dict[str, Any]):
+        top = ", ".join(f"{k} {v}" for k, v in Counter(stats["rejected"]).most_common(3)) or "nothing parsed"
+        super().__init__(
+            f"the teacher produced no acceptable instruction in {run.cfg.generate.max_stalled_requests} "
+            f"requests in a row; stopped with {stats['accepted_instructions']} of "
+            f"{stats['target_instructions']} instructions (top rejections: {top}). Stats: {run.dir / 'stats.json'}. "
+            f"Check the teacher model (--teacher) or raise generate.max_stalled_requests.")
+
+
+def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
+    """stats.json and the dataset, both rebuilt from generated.jsonl, so a resumed run writes the same."""
+    from selfinstruct.dataset import save_dataset
+
+    records = read_jsonl(run.dir / "generated.jsonl")
+    stats = {
+        "method": run.cfg.generate.method,
+        "teacher": run.teacher.name,
+        "stopped": stopped,
+        "seed_tasks": len(run.seeds),
+        "target_instructions": run.cfg.generate.num_instructions,
+        "accepted_instructions": len({r["instruction"] for r in records}),
+        "accepted_records": len(records),
+        "requests": {k.removeprefix("requests/"): v for k, v in run.counts.items() if k.startswith("requests/")},
+        "counts": {k: v for k, v in run.counts.items() if not k.startswith("requests/")},
+        "rejected": dict(run.reasons.most_common()),
+        "rejected_total": sum(run.reasons.values()),
+        "steps": run.step,
+        "elapsed_s": round(elapsed, 2),
+    }
+    write_json(run.dir / "stats.json", stats)
+    stats["dataset"] = save_dataset(records, run.dir / "dataset", run.cfg.generate.test_size,
+                                    run.cfg.generate.seed)
+    write_json(run.dir / "stats.json", stats)
+    return stats
+
+
+def print_summary(stats: dict[str, Any]) -> None:
+    table = Table(title=f"{stats['method']} with {stats['teacher']}", show_header=True)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("accepted instructions", f"{stats['accepted_instructions']} / {stats['target_instructions']}")
+    table.add_row("accepted records", str(stats["accepted_records"]))
+    for stage, n in stats["requests"].items():
+        table.add_row(f"teacher requests: {stage}", str(n))
+    for reason, n in stats["rejected"].items():
+        table.add_row(f"rejected: {reason}", str(n))
+    split = stats.get("dataset", {})
+    table.add_row("dataset train / test", f"{split.get('train', 0)} / {split.get('test', 0)}")
+    console.print(table)

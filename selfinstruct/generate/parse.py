@@ -1,0 +1,89 @@
+"""Pure parsers of teacher output: numbered instruction lists, Yes/No answers, instances.
+
+Each returns what it could read plus, where it dropped something, (text, reason) pairs so the
+caller can count every loss.
+"""
+
+from __future__ import annotations
+
+import re
+
+from selfinstruct.seeds import Instance
+
+_ITEM = re.compile(r"\n[ \t]*\d+[ \t]?[.)][ \t]*")
+_EXAMPLE = re.compile(r"(?:^|\n)[ \t]*Example[ \t]*\d+[ \t]*:?[ \t]*", re.IGNORECASE)
+_OUTPUT = re.compile(r"(?:^|\n)[ \t]*Output[ \t]*\d*[ \t]*:", re.IGNORECASE)
+_INPUT = re.compile(r"(?:^|\n)[ \t]*Input[ \t]*\d*[ \t]*:", re.IGNORECASE)
+_LABEL = re.compile(r"(?:^|\n)[ \t]*Class label[ \t]*\d*[ \t]*:", re.IGNORECASE)
+NO_INPUT = {"<none>", "none", "<noinput>", "n/a", ""}
+
+
+def normalise_instruction(text: str) -> str:
+    """Whitespace collapsed, ends trimmed, first letter upper-cased (only the first: unlike the
+    original code's str.capitalize(), 'Python' and 'JSON' keep their case)."""
+    text = re.sub(r"\s+", " ", text).strip()
+    return text[:1].upper() + text[1:]
+
+
+def parse_instructions(text: str, truncated: bool) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split a continued numbered list. The text may start mid-item (the prompt ended with 'N.'),
+    or with a number (chat teachers often restart it), or with a line of prose ending in ':'."""
+    parts = _ITEM.split("\n" + text.strip("\n"))
+    first, rest = parts[0], parts[1:]
+    dropped: list[tuple[str, str]] = []
+    items = []
+    if first.strip():
+        if rest and first.strip().endswith(":"):
+            dropped.append((first.strip(), "preamble"))
+        else:
+            items.append(first)
+    items += rest
+    items = [normalise_instruction(i) for i in items]
+    if truncated and items:  # hit max_tokens: the last item may be cut mid-sentence
+        dropped.append((items.pop(), "truncated"))
+    dropped += [(item, "empty_item") for item in items if not item]
+    return [item for item in items if item], dropped
+
+
+def parse_yes_no(text: str) -> bool | None:
+    """True for yes, False for no, None when the answer is neither."""
+    word = re.match(r"\W*(\w+)", text)
+    if not word:
+        return None
+    return {"yes": True, "no": False}.get(word.group(1).lower())
+
+
+def parse_instances(text: str, classification: bool) -> list[Instance]:
+    """Instances from an input-first ('Example k / Input: / Output:') or output-first
+    ('Class label: / Input:') completion. Prose before the first example is ignored."""
+    return _output_first(text) if classification else _input_first(text)
+
+
+def _input_first(text: str) -> list[Instance]:
+    chunks = _EXAMPLE.split(text)
+    if len(chunks) > 1:
+        chunks = chunks[1:]  # whatever came before "Example 1" is not an example
+    out = []
+    for chunk in chunks:
+        if not chunk.strip():
+            continue
+        parts = _OUTPUT.split(chunk, maxsplit=1)
+        if len(parts) == 2:
+            inp, outp = parts
+        else:
+            inp, outp = "", chunk
+        inp = _INPUT.sub("", inp, count=1).strip()
+        outp = _INPUT.split(outp, maxsplit=1)[0].strip()  # a second pair run together: keep the first
+        out.append(Instance("" if inp.lower() in NO_INPUT else inp, outp))
+    return out
+
+
+def _output_first(text: str) -> list[Instance]:
+    chunks = _LABEL.split(text)[1:]
+    out = []
+    for chunk in chunks:
+        label, _, rest = chunk.strip().partition("\n")
+        parts = _INPUT.split(rest, maxsplit=1)
+        inp = (parts[1] if len(parts) == 2 else rest).strip()
+        out.append(Instance("" if inp.lower() in NO_INPUT else inp, label.strip()))
+    return out

@@ -1,0 +1,143 @@
+"""Self-Instruct (Wang et al., 2023, arXiv 2212.10560), one step at a time.
+
+    step(run)   # called by loop.run_generate until the target is reached
+
+A step: `request_batch_size` prompts of 8 demo instructions (6 human + 2 machine, seeded draw)
+-> the teacher continues each numbered list -> parse -> filters -> ROUGE-L against the pool
+-> "is it classification?" -> instances, output-first for classification, input-first otherwise
+-> instance clean-up -> records. Every dropped item is written to rejected.jsonl with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+
+from selfinstruct.config import Sampling
+from selfinstruct.filters import check_instruction, clean_instances
+from selfinstruct.generate.loop import Run
+from selfinstruct.generate.parse import parse_instances, parse_instructions, parse_yes_no
+from selfinstruct.prompts import render, template_id
+from selfinstruct.records import Record
+from selfinstruct.teacher import Request
+
+T_INSTRUCTIONS = "self_instruct/instructions.jinja"
+T_CLASSIFY = "self_instruct/is_classification.jinja"
+T_INPUT_FIRST = "self_instruct/instances_input_first.jinja"
+T_OUTPUT_FIRST = "self_instruct/instances_output_first.jinja"
+
+
+def sample_demos(rng: random.Random, human: list[tuple[str, str]], machine: list[tuple[str, str]],
+                 k: int, k_machine: int) -> list[tuple[str, str]]:
+    """k demos: up to k_machine machine-generated ones, the rest human, in random order."""
+    picked = rng.sample(machine, min(k_machine, len(machine)))
+    picked += rng.sample(human, min(k - len(picked), len(human)))
+    rng.shuffle(picked)
+    return picked
+
+
+def _demo_text(instruction: str) -> str:
+    return re.sub(r"\s+", " ", instruction).strip().rstrip(":")
+
+
+def _seeded(s: Sampling, rng: random.Random, **changes: object) -> Sampling:
+    return dataclasses.replace(s, seed=rng.getrandbits(31), **changes)
+
+
+def step(run: Run) -> None:
+    cfg = run.cfg.generate
+    rng = random.Random(f"{cfg.seed}-{run.step}")  # one stream per step: a resumed run draws the same
+    run.step += 1
+    rejected: list[dict] = []
+
+    # 1. New instructions from numbered lists of demos.
+    human = [(s.instruction, s.id) for s in run.seeds]
+    requests, parents = [], []
+    for _ in range(cfg.request_batch_size):
+        demos = sample_demos(rng, human, run.machine, cfg.num_prompt_instructions, cfg.num_machine_demos)
+        prompt = render(T_INSTRUCTIONS, instructions=[_demo_text(t) for t, _ in demos])
+        requests.append(Request(prompt, _seeded(cfg.instruction_sampling, rng)))
+        parents.append([i for _, i in demos])
+    outs = run.teacher.generate(requests)
+    run.counts["requests/instructions"] += len(requests)
+
+    # 2. Parse, filter, and drop near-duplicates of the pool (which grows as we accept).
+    need = cfg.num_instructions - run.accepted_instructions
+    fresh: list[tuple[str, list[str], float]] = []
+    for completions, par in zip(outs, parents, strict=True):
+        for c in completions:
+            items, dropped = parse_instructions(c.text, c.finish_reason == "length")
+            rejected += [{"stage": "instruction", "reason": r, "instruction": t} for t, r in dropped]
+            for item in items:
+                run.counts["candidates"] += 1
+                ok, reason = check_instruction(item, run.cfg.filters)
+                extra: dict = {}
+                if ok:
+                    score, j = run.pool.best(item)
+                    extra = {"rouge_max": round(score, 4), "nearest": run.pool.texts[j] if j >= 0 else ""}
+                    if score >= run.cfg.filters.rouge_threshold:
+                        ok, reason = False, "rouge_similar"
+                    elif len(fresh) >= need:
+                        ok, reason = False, "over_target"
+                if ok:
+                    run.pool.add(item)
+                    fresh.append((item, par, score))
+                else:
+                    rejected.append({"stage": "instruction", "reason": reason, "instruction": item, **extra})
+
+    # 3. Classification or not (decides output-first vs input-first instance generation).
+    answers = run.teacher.generate(
+        [Request(render(T_CLASSIFY, instruction=i), _seeded(cfg.classify_sampling, rng)) for i, _, _ in fresh])
+    run.counts["requests/classify"] += len(fresh)
+    is_clf = []
+    for a in answers:
+        verdict = parse_yes_no(a[0].text)
+        run.counts["classify_unclear" if verdict is None else ("classification" if verdict else "generation")] += 1
+        is_clf.append(bool(verdict))
+
+    # 4. Instances.
+    stop = list(cfg.instance_sampling.stop) + [f"Example {cfg.max_instances + 1}"]
+    inst_requests = [
+        Request(render(T_OUTPUT_FIRST if clf else T_INPUT_FIRST, instruction=i),
+                _seeded(cfg.instance_sampling, rng, stop=stop))
+        for (i, _, _), clf in zip(fresh, is_clf, strict=True)]
+    inst_outs = run.teacher.generate(inst_requests)
+    run.counts["requests/instances"] += len(inst_requests)
+
+    records: list[Record] = []
+    t_instr = template_id(T_INSTRUCTIONS)
+    sampling = {"instruction": _public(cfg.instruction_sampling), "instance": _public(cfg.instance_sampling)}
+    for (instr, par, score), clf, out in zip(fresh, is_clf, inst_outs, strict=True):
+        c = out[0]
+        instances = parse_instances(c.text, clf)
+        if c.finish_reason == "length" and instances:
+            lost = instances.pop()
+            rejected.append({"stage": "instance", "reason": "truncated", "instruction": instr,
+                             "input": lost.input, "output": lost.output})
+        kept, dropped = clean_instances(instances, cfg.max_instances)
+        rejected += [{"stage": "instance", "reason": r, "instruction": instr, "input": d.input, "output": d.output}
+                     for d, r in dropped]
+        if not kept:
+            rejected.append({"stage": "task", "reason": "no_valid_instances", "instruction": instr,
+                             "raw": c.text[:2000], "in_pool": True})
+            continue
+        template = f"{t_instr}+{template_id(T_OUTPUT_FIRST if clf else T_INPUT_FIRST)}"
+        first = len(records)
+        for inst in kept:
+            records.append(Record(
+                id=run.next_id(), instruction=instr, input=inst.input, output=inst.output,
+                method="self-instruct", round=run.round, parents=par, teacher=run.teacher.name,
+                template=template, sampling=sampling,
+                scores={"rouge_max": round(score, 4), "is_classification": clf}))
+        run.machine.append((instr, records[first].id))
+
+    run.accept(records)
+    run.reject(rejected)
+    run.stalled_requests = 0 if records else run.stalled_requests + len(requests)
+
+
+def _public(s: Sampling) -> dict:
+    d = dataclasses.asdict(s)
+    d.pop("seed")
+    return d

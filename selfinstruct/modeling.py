@@ -1,0 +1,33 @@
+"""Loading models and tokenizers from the hub or a local path, with a clear error when that fails."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from selfinstruct.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def load_model_and_tokenizer(name: str, device: str, dtype: str, trust_remote_code: bool,
+                             role: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load from the hub or a local path; a missing model (or no hub access) is a clear UserError."""
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        device = pick_device(device)
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        else:
+            torch_dtype = DTYPES[dtype]
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"cannot load {role} model '{name}': {str(e).splitlines()[0]}\n"
+            f"If the Hugging Face hub is unreachable from here, download the model elsewhere and pass "
+            f"--{role} PATH to its local directory.") from None
+    return model.to(device).eval(), tok

@@ -1,0 +1,102 @@
+"""In-process transformers backend: batched `generate` on CPU or one GPU. The CPU default and test path.
+
+    teacher = HFTeacher(TeacherConfig(model="Qwen/Qwen2.5-1.5B-Instruct"))
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from selfinstruct.config import Sampling, TeacherConfig
+from selfinstruct.errors import UserError
+from selfinstruct.modeling import load_model_and_tokenizer
+from selfinstruct.teacher.base import Completion, Request, cut_at_stop
+
+class _Penalties(LogitsProcessor):
+    """OpenAI/vLLM presence and frequency penalties over the tokens generated so far."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_len:]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class HFTeacher:
+    """Groups requests with equal sampling parameters and generates them in length-sorted batches."""
+
+    def __init__(self, cfg: TeacherConfig):
+        self.cfg = cfg
+        self.name = cfg.model
+        self.model, self.tok = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype,
+                                                        cfg.trust_remote_code, "teacher")
+        self.tok.padding_side = "left"  # decoder-only batched generation appends on the right
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        has_template = bool(getattr(self.tok, "chat_template", None))
+        if cfg.prompt_format == "chat" and not has_template:
+            raise UserError(f"teacher '{cfg.model}' has no chat template; use --prompt-format completion")
+        self.chat = cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and has_template)
+
+    def close(self) -> None:
+        self.model = None
+
+    def _encode(self, prompt: str) -> str:
+        if not self.chat:
+            return prompt
+        return self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                            add_generation_prompt=True)
+
+    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+        results: list[list[Completion | None]] = [[None] * r.sampling.n for r in requests]
+        groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            s = r.sampling
+            key = (s.temperature, s.top_p, s.max_tokens, s.presence_penalty, s.frequency_penalty, tuple(s.stop))
+            groups[key].extend((i, k) for k in range(s.n))
+        texts = [self._encode(r.prompt) for r in requests]
+        for jobs in groups.values():
+            jobs.sort(key=lambda job: -len(texts[job[0]]))  # similar lengths together: less padding
+            for start in range(0, len(jobs), self.cfg.batch_size):
+                chunk = jobs[start: start + self.cfg.batch_size]
+                seeds = [(requests[i].sampling.seed or 0, k) for i, k in chunk]
+                outs = self._batch([texts[i] for i, _ in chunk], requests[chunk[0][0]].sampling, seeds)
+                for (i, k), out in zip(chunk, outs, strict=True):
+                    results[i][k] = out
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _batch(self, texts: list[str], s: Sampling, seeds: list[tuple[int, int]]) -> list[Completion]:
+        # Seeded from the requests' own seeds (ints hash the same in every process): same run, same text.
+        torch.manual_seed(hash(tuple(seeds)) & 0x7FFFFFFF)
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.chat)
+        enc = enc.to(self.model.device)
+        prompt_len = enc["input_ids"].shape[1]
+        kwargs = dict(max_new_tokens=s.max_tokens, pad_token_id=self.tok.pad_token_id, top_k=None)
+        if s.temperature > 0:
+            kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None)
+        if s.stop:
+            kwargs.update(stop_strings=list(s.stop), tokenizer=self.tok)
+        if s.presence_penalty or s.frequency_penalty:
+            kwargs["logits_processor"] = LogitsProcessorList(
+                [_Penalties(prompt_len, s.presence_penalty, s.frequency_penalty)])
+        out = self.model.generate(**enc, **kwargs)
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tok.eos_token_id}
+        completions = []
+        for row in out[:, prompt_len:].tolist():
+            ended = any(t in eos_ids for t in row)
+            text, stopped = cut_at_stop(self.tok.decode(row, skip_special_tokens=True), s.stop)
+            full = len(row) >= s.max_tokens and not ended and not stopped
+            completions.append(Completion(text, "length" if full else "stop"))
+        return completions
+

@@ -1,0 +1,184 @@
+"""LoRA supervised fine-tuning of the student with TRL + PEFT, loss on assistant tokens only.
+
+    out = run_train(cfg)     # selfinstruct train --data outputs/<run> --student Qwen/Qwen2.5-0.5B
+
+Masking is ours, not the template's: for every assistant turn i we render the conversation up to
+turn i with the generation prompt (P) and up to the end of turn i (U); the characters between
+len(P) and len(U) -- the reply and the template's end-of-turn marker -- are trained, everything
+else is not. Tokens are mapped to characters through the tokenizer's offsets, so this works for
+any template (Llama-3 and Qwen2.5 have no {% generation %} markers) and any number of turns. The
+pre-tokenized `input_ids` / `labels` go to TRL's SFTTrainer, which uses them as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import jinja2
+from rich.console import Console
+
+from selfinstruct.config import Config, dump_yaml
+from selfinstruct.dataset import Conversation, load_training_data
+from selfinstruct.errors import UserError
+from selfinstruct.prompts import PROMPTS_DIR
+from selfinstruct.records import write_atomic, write_json
+
+console = Console(stderr=True)
+DEFAULT_CHAT_TEMPLATE = PROMPTS_DIR / "chat" / "default.jinja"
+IGNORE = -100
+
+
+def _render(tok: Any, messages: Conversation, generation_prompt: bool) -> str:
+    try:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except (jinja2.TemplateError, ValueError) as e:  # templates raise on roles they do not support
+        raise UserError(f"the chat template cannot render this conversation: {e}") from None
+
+
+def tokenize_conversation(tok: Any, messages: Conversation, max_length: int | None = None) -> dict[str, list[int]]:
+    """input_ids and labels (IGNORE outside assistant turns) for one conversation."""
+    full = _render(tok, messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = _render(tok, messages[:i], True)
+        upto = _render(tok, messages[: i + 1], False)
+        if not (upto.startswith(prompt) and full.startswith(upto)):
+            raise UserError("the chat template renders an assistant turn differently depending on what "
+                            "follows it, so the reply cannot be located for masking; pass a template "
+                            "without that behaviour with --config train.chat_template")
+        spans.append((len(prompt), len(upto)))
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for t, (start, end) in enumerate(enc["offset_mapping"]):
+        # A token is trained when it starts inside a reply span; a token whose text straddles the
+        # prompt/reply boundary starts in the prompt and stays masked.
+        if end > start and any(a <= start < b for a, b in spans):
+            labels[t] = ids[t]
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def prepare_tokenizer(tok: Any, template_path: str | None) -> None:
+    """Give the tokenizer the chat template we train with (the user's, its own, or our default)."""
+    if template_path is not None:
+        try:
+            tok.chat_template = Path(template_path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot read chat template: {e.strerror}", template_path) from None
+    elif not getattr(tok, "chat_template", None):
+        console.print(f"[yellow]The student has no chat template; using {DEFAULT_CHAT_TEMPLATE.name} "
+                      "(### Instruction / ### Response, EOS after each reply).[/]")
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE.read_text(encoding="utf-8")
+    if tok.eos_token is None:
+        raise UserError("the student's tokenizer has no EOS token, so a tuned model could not learn to stop")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+
+def build_dataset(tok: Any, convs: list[Conversation], max_length: int) -> tuple[datasets.Dataset, int]:
+    """Tokenized rows, and how many conversations were dropped for having no trained token left."""
+    rows = [tokenize_conversation(tok, c, max_length) for c in convs]
+    kept = [r for r in rows if any(label != IGNORE for label in r["labels"])]
+    return datasets.Dataset.from_list(kept) if kept else None, len(rows) - len(kept)
+
+
+def default_out(data: str) -> Path:
+    p = Path(data)
+    if p.is_dir():
+        return p / "train"
+    return Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-train"
+
+
+def run_train(cfg: Config) -> Path:
+    """Train a LoRA adapter; writes <out>/adapter (adapter + tokenizer), metrics.json, config.yaml."""
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from selfinstruct.modeling import load_model_and_tokenizer
+
+    tcfg = cfg.train
+    if tcfg.data is None:
+        raise UserError("train needs --data (a generate run directory or a data file)")
+    train_convs, eval_convs = load_training_data(tcfg.data)
+    out = Path(tcfg.out) if tcfg.out else default_out(tcfg.data)
+    if (out / "adapter").exists() and not tcfg.resume:
+        raise UserError("an adapter is already there: pass --resume or another --out", out)
+    out.mkdir(parents=True, exist_ok=True)
+    tcfg.out = str(out)
+    write_atomic(out / "config.yaml", dump_yaml(cfg))
+
+    model, tok = load_model_and_tokenizer(tcfg.student, "auto", "auto", cfg.teacher.trust_remote_code, "student")
+    prepare_tokenizer(tok, tcfg.chat_template)
+    train_ds, dropped = build_dataset(tok, train_convs, tcfg.max_length)
+    if train_ds is None:
+        raise UserError(f"no training example has a trained token within max_length={tcfg.max_length} "
+                        "(empty replies, or prompts longer than max_length)", tcfg.data)
+    eval_ds, _ = build_dataset(tok, eval_convs, tcfg.max_length) if eval_convs else (None, 0)
+    trained_tokens = sum(sum(label != IGNORE for label in r) for r in train_ds["labels"])
+
+    cuda = torch.cuda.is_available()
+    args = SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        num_train_epochs=tcfg.epochs,
+        learning_rate=tcfg.learning_rate,
+        per_device_train_batch_size=tcfg.batch_size,
+        per_device_eval_batch_size=tcfg.batch_size,
+        gradient_accumulation_steps=tcfg.grad_accum,
+        warmup_steps=tcfg.warmup_ratio,
+        lr_scheduler_type="cosine",
+        max_length=tcfg.max_length,
+        logging_steps=tcfg.logging_steps,
+        save_steps=tcfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="epoch" if eval_ds is not None else "no",
+        train_sampling_strategy="group_by_length" if tcfg.group_by_length else "random",
+        seed=tcfg.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        gradient_checkpointing=cuda,  # memory matters on a GPU; on CPU it only costs time
+        report_to="none",
+    )
+    lora = LoraConfig(r=tcfg.lora_r, lora_alpha=tcfg.lora_alpha, lora_dropout=tcfg.lora_dropout,
+                      target_modules=tcfg.target_modules[0] if tcfg.target_modules == ["all-linear"]
+                      else tcfg.target_modules, bias="none", task_type="CAUSAL_LM")
+    model.train()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tok, peft_config=lora)
+    resume = tcfg.resume and any((out / "checkpoints").glob("checkpoint-*"))
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    elapsed = time.monotonic() - started
+
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(str(out / "adapter"))
+        tok.save_pretrained(str(out / "adapter"))
+        metrics = {
+            "student": tcfg.student,
+            "train_examples": len(train_ds),
+            "eval_examples": 0 if eval_ds is None else len(eval_ds),
+            "dropped_examples": dropped,
+            "trained_tokens_per_epoch": int(trained_tokens),
+            "train_loss": result.training_loss,
+            "global_step": result.global_step,
+            "train_seconds": round(elapsed, 2),
+            "log_history": trainer.state.log_history,
+        }
+        if eval_ds is not None:
+            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        write_json(out / "metrics.json", metrics)
+        console.print(f"adapter: {out / 'adapter'}  train loss {result.training_loss:.4f}"
+                      + (f"  eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""))
+    return out
+
+
+def load_metrics(out: Path) -> dict[str, Any]:
+    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
