@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except (TeacherError, StalledError) as e:
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted.[/] Everything accepted so far is on disk; run the same command "

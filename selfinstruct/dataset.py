@@ -34,6 +34,7 @@ def save_dataset(records: list[dict[str, Any]], path: Path, test_size: float, se
     }
     dd = datasets.DatasetDict({
         k: datasets.Dataset.from_list(v) if v else datasets.Dataset.from_dict(empty) for k, v in split.items()})
+    datasets.disable_progress_bars()
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     dd.save_to_disk(str(tmp))

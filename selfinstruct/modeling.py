@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from selfinstruct.errors import UserError
 
@@ -17,6 +18,7 @@ def pick_device(device: str) -> str:
 def load_model_and_tokenizer(name: str, device: str, dtype: str, trust_remote_code: bool,
                              role: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load from the hub or a local path; a missing model (or no hub access) is a clear UserError."""
+    hf_logging.disable_progress_bar()  # our own progress display is the one to watch
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         device = pick_device(device)

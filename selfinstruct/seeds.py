@@ -43,8 +43,10 @@ def load_tasks(path: str | Path) -> list[SeedTask]:
     """Every task in a file or directory; ids must be unique across all files."""
     tasks: list[SeedTask] = []
     seen: dict[str, tuple[Path, int]] = {}
+    position: dict[Path, int] = {}
     for f, line, row in read_rows(path):
-        task = _task(row, f, line)
+        position[f] = position.get(f, 0) + 1
+        task = _task(row, f, line, default_id=f"{f.stem}-{position[f]}")
         if task.id in seen:
             first = seen[task.id]
             raise UserError(f"duplicate task id '{task.id}' (first at {first[0]}:{first[1]})", f, line)
@@ -60,19 +62,20 @@ def load_conversations(path: str | Path) -> list[list[dict[str, str]]]:
         if "messages" in row:
             convs.append(_messages(row["messages"], f, line))
         else:
-            task = _task(row, f, line)
+            task = _task(row, f, line, default_id="")
             for inst in task.instances:
                 convs.append([{"role": "user", "content": user_turn(task.instruction, inst.input)},
                               {"role": "assistant", "content": inst.output}])
     return convs
 
 
-def _task(row: dict[str, Any], f: Path, line: int) -> SeedTask:
+def _task(row: dict[str, Any], f: Path, line: int, default_id: str) -> SeedTask:
+    """One task from a record of any format; records without an id get `default_id`."""
     if "messages" in row:
         msgs = _messages(row["messages"], f, line)
         user = next(m["content"] for m in msgs if m["role"] == "user")
         reply = next(m["content"] for m in msgs if m["role"] == "assistant")
-        return SeedTask(id=str(row.get("id", f"{f.stem}-{line}")), instruction=user,
+        return SeedTask(id=str(row.get("id", default_id)), instruction=user,
                         instances=[Instance("", reply)])
     if "instances" in row:
         missing = [k for k in SELF_INSTRUCT_FIELDS if k not in row]
@@ -101,7 +104,7 @@ def _task(row: dict[str, Any], f: Path, line: int) -> SeedTask:
             raise UserError(f"'input' must be a string, got {type(inp).__name__}", f, line)
         if not row["output"].strip():
             raise UserError("'output' is empty", f, line)
-        return SeedTask(id=str(row.get("id", f"{f.stem}-{line}")), instruction=_instruction(row, f, line),
+        return SeedTask(id=str(row.get("id", default_id)), instruction=_instruction(row, f, line),
                         instances=[Instance(inp, row["output"])])
     raise UserError("unrecognised record: expected 'instances' (Self-Instruct seed task), "
                     "'instruction' (Alpaca) or 'messages' (chat)", f, line)

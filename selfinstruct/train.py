@@ -3,16 +3,17 @@
     out = run_train(cfg)     # selfinstruct train --data outputs/<run> --student Qwen/Qwen2.5-0.5B
 
 Masking is ours, not the template's: for every assistant turn i we render the conversation up to
-turn i with the generation prompt (P) and up to the end of turn i (U); the characters between
-len(P) and len(U) -- the reply and the template's end-of-turn marker -- are trained, everything
-else is not. Tokens are mapped to characters through the tokenizer's offsets, so this works for
+turn i with the generation prompt (P) and up to the end of turn i (U); the characters from len(P)
+to the end of U (as far as U agrees with the whole conversation) -- the reply and the template's
+end-of-turn marker -- are trained, everything else is not. Tokens are mapped to characters
+through the tokenizer's offsets, so this works for
 any template (Llama-3 and Qwen2.5 have no {% generation %} markers) and any number of turns. The
 pre-tokenized `input_ids` / `labels` go to TRL's SFTTrainer, which uses them as they are.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -48,18 +49,23 @@ def tokenize_conversation(tok: Any, messages: Conversation, max_length: int | No
             continue
         prompt = _render(tok, messages[:i], True)
         upto = _render(tok, messages[: i + 1], False)
-        if not (upto.startswith(prompt) and full.startswith(upto)):
-            raise UserError("the chat template renders an assistant turn differently depending on what "
-                            "follows it, so the reply cannot be located for masking; pass a template "
-                            "without that behaviour with --config train.chat_template")
-        spans.append((len(prompt), len(upto)))
+        # The span ends where this turn's rendering stops agreeing with the whole conversation: some
+        # templates (Phi-3) append an EOS only after the last turn, and that EOS must not be
+        # trained in the middle of a conversation.
+        end = len(os.path.commonprefix([upto, full]))
+        if not full.startswith(prompt) or end <= len(prompt):
+            raise UserError("the chat template renders assistant turn "
+                            f"{i} differently in context, so its reply cannot be located for masking; "
+                            "set train.chat_template to a template without that behaviour")
+        spans.append((len(prompt), end))
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [IGNORE] * len(ids)
     for t, (start, end) in enumerate(enc["offset_mapping"]):
-        # A token is trained when it starts inside a reply span; a token whose text straddles the
-        # prompt/reply boundary starts in the prompt and stays masked.
-        if end > start and any(a <= start < b for a, b in spans):
+        # Trained only when the token lies wholly inside a reply span: a token straddling either
+        # boundary belongs partly to text the model is given, not text it must produce (and a
+        # span cut by the common prefix may end inside the next turn's special token).
+        if end > start and any(a <= start and end <= b for a, b in spans):
             labels[t] = ids[t]
     if max_length is not None:
         ids, labels = ids[:max_length], labels[:max_length]
@@ -178,7 +184,3 @@ def run_train(cfg: Config) -> Path:
         console.print(f"adapter: {out / 'adapter'}  train loss {result.training_loss:.4f}"
                       + (f"  eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""))
     return out
-
-
-def load_metrics(out: Path) -> dict[str, Any]:
-    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))

@@ -15,6 +15,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.modeling import load_model_and_tokenizer
 from selfinstruct.teacher.base import Completion, Request, cut_at_stop
 
+
 class _Penalties(LogitsProcessor):
     """OpenAI/vLLM presence and frequency penalties over the tokens generated so far."""
 

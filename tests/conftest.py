@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny models built once per test session (seconds), and CLI helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402
+
+ROOT = tiny.ROOT
+# No test may reach a hub: everything is built here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# Fast generation settings for tiny models (the paper's defaults are tested in test_config).
+FAST_CONFIG = """\
+generate:
+  request_batch_size: 4
+  max_stalled_requests: 200
+  instruction_sampling: {temperature: 1.0, top_p: 1.0, max_tokens: 96, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}
+  instance_sampling: {temperature: 0.0, max_tokens: 96, stop: ["Task:"]}
+train:
+  epochs: 2
+  batch_size: 4
+  logging_steps: 1
+  max_length: 256
+"""
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny.build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama fine-tuned for ~15 s on well-formed answers to our Self-Instruct prompts."""
+    model = tiny.build_model(tokenizer, hidden=96, layers=2)
+    tiny.finetune(model, tokenizer, tiny.teacher_examples(), steps=200, batch=8, lr=5e-3)
+    return tiny.save(model, tokenizer, tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """An untrained tiny model: a garbage teacher, or a student to tune."""
+    return tiny.save(tiny.build_model(tokenizer, hidden=64, layers=2, seed=1), tokenizer,
+                     tmp_path_factory.mktemp("random"))
+
+
+@pytest.fixture()
+def fast_config(tmp_path) -> Path:
+    path = tmp_path / "fast.yaml"
+    path.write_text(FAST_CONFIG)
+    return path
+
+
+def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run the installed console script like a user would; returns the CompletedProcess."""
+    return subprocess.run(["selfinstruct", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=timeout)

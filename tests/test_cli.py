@@ -1,0 +1,123 @@
+"""End-to-end: the console script as a user runs it, on tiny models, CPU only."""
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT, cli
+from safetensors.torch import load_file
+from serve import transformers_serve
+
+from selfinstruct.records import read_jsonl
+
+RECORD_KEYS = {"id", "instruction", "input", "output", "method", "round", "parents", "teacher", "template",
+               "sampling", "scores"}
+
+
+def check_run(run, n_instructions, teacher):
+    records = read_jsonl(run / "generated.jsonl")
+    assert len({r["instruction"] for r in records}) == n_instructions
+    assert len({r["id"] for r in records}) == len(records)
+    for r in records:
+        assert set(r) == RECORD_KEYS
+        assert r["teacher"] == str(teacher) and r["method"] == "self-instruct" and r["round"] == 1
+        assert len(r["parents"]) == 8 and r["output"].strip()
+        assert r["template"].startswith("self_instruct/instructions.jinja@")
+        assert r["scores"]["rouge_max"] < 0.7
+    stats = json.loads((run / "stats.json").read_text())
+    assert stats["accepted_instructions"] == n_instructions and stats["accepted_records"] == len(records)
+    assert stats["stopped"] == "target_reached"
+    rejected = read_jsonl(run / "rejected.jsonl")
+    assert stats["rejected_total"] == len(rejected)
+    assert all(r["reason"] for r in rejected)
+    assert (run / "config.yaml").exists()
+    from datasets import load_from_disk
+
+    dd = load_from_disk(str(run / "dataset"))
+    assert len(dd["train"]) + len(dd["test"]) == len(records) and len(dd["test"]) >= 1
+    assert dd["train"][0]["messages"][1]["role"] == "assistant"
+    return records
+
+
+def test_generate_then_train(teacher_dir, random_model_dir, fast_config, tmp_path):
+    run = tmp_path / "run"
+    r = cli("generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--num-instructions", 4,
+            "--out", run, "--config", fast_config, "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    assert "accepted instructions" in r.stderr  # the summary table
+    check_run(run, 4, teacher_dir)
+
+    r = cli("train", "--data", run, "--student", random_model_dir, "--config", fast_config)
+    assert r.returncode == 0, r.stderr
+    adapter = run / "train" / "adapter"
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(random_model_dir), adapter)
+    trained = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert trained and all(torch.count_nonzero(v) > 0 for v in trained.values())
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in saved)
+    metrics = json.loads((run / "train" / "metrics.json").read_text())
+    assert metrics["eval_examples"] >= 1 and "eval_loss" in metrics
+    assert metrics["trained_tokens_per_epoch"] > 0
+
+
+@pytest.mark.slow
+def test_generate_through_transformers_serve(teacher_dir, fast_config, tmp_path):
+    with transformers_serve(teacher_dir, tmp_path / "serve.log") as url:
+        run = tmp_path / "run"
+        r = cli("generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--backend", "openai",
+                "--base-url", url, "--num-instructions", 3, "--out", run, "--config", fast_config)
+        assert r.returncode == 0, r.stderr
+    check_run(run, 3, teacher_dir)
+    stats = json.loads((run / "stats.json").read_text())
+    log = (tmp_path / "serve.log").read_text()
+    assert log.count('"POST /v1/chat/completions HTTP/1.1" 200') == sum(stats["requests"].values())
+
+
+def test_garbage_teacher_ends_with_clear_message(random_model_dir, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("generate:\n  request_batch_size: 4\n  max_stalled_requests: 8\n"
+                   "  instruction_sampling: {max_tokens: 24}\n  instance_sampling: {max_tokens: 24}\n")
+    run = tmp_path / "run"
+    r = cli("generate", "--seeds", ROOT / "seeds", "--teacher", random_model_dir, "--num-instructions", 5,
+            "--out", run, "--config", cfg, timeout=300)
+    assert r.returncode == 1
+    assert "no acceptable instruction in 8 requests" in r.stderr
+    stats = json.loads((run / "stats.json").read_text())
+    assert stats["stopped"] == "stalled" and stats["requests"]["instructions"] == 8
+    assert stats["accepted_instructions"] == 0
+
+
+def test_resume_continues_and_refuses_to_mix(teacher_dir, fast_config, tmp_path):
+    run = tmp_path / "run"
+    args = ["generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--out", run, "--config", fast_config]
+    assert cli(*args, "--num-instructions", 2).returncode == 0
+    first = read_jsonl(run / "generated.jsonl")
+    r = cli(*args, "--num-instructions", 4)
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = cli(*args, "--num-instructions", 4, "--resume")
+    assert r.returncode == 0, r.stderr
+    records = check_run(run, 4, teacher_dir)
+    assert records[: len(first)] == first  # nothing accepted earlier is lost or rewritten
+
+
+def test_default_teacher_offline_says_pass_teacher(tmp_path):
+    r = cli("generate", "--seeds", ROOT / "seeds", "--out", tmp_path / "run",
+            env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 2
+    assert "Qwen/Qwen2.5-1.5B-Instruct" in r.stderr and "--teacher PATH" in r.stderr
+
+
+def test_bad_config_names_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("generate:\n  num_instructions: -3\n")
+    r = cli("generate", "--seeds", ROOT / "seeds", "--config", cfg, "--out", tmp_path / "run")
+    assert r.returncode == 2 and f"{cfg}:2:" in r.stderr and "must be >= 1" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_bad_data(tmp_path, random_model_dir):
+    r = cli("train", "--data", tmp_path / "missing.jsonl", "--student", random_model_dir)
+    assert r.returncode == 2 and "no such file" in r.stderr

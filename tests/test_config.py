@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+
+from selfinstruct.config import Config, config_reference, dump_yaml, load_config
+from selfinstruct.errors import UserError
+
+
+def test_defaults_are_the_papers():
+    g = Config().generate
+    assert (g.num_prompt_instructions, g.num_machine_demos, g.max_instances) == (8, 2, 5)
+    s = g.instruction_sampling
+    assert (s.temperature, s.top_p, s.presence_penalty, s.max_tokens) == (0.7, 0.5, 2.0, 1024)
+    assert s.stop == ["\n\n", "\n16", "16.", "16 ."]
+    assert g.instance_sampling.temperature == 0.0
+    assert Config().filters.rouge_threshold == 0.7
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("teacher:\n  model: from-file\ngenerate:\n  num_instructions: 7\n"
+                 "  instruction_sampling:\n    top_p: 0.9\n")
+    cfg = load_config(f, {"teacher.model": "from-flag"})
+    assert cfg.teacher.model == "from-flag"
+    assert cfg.generate.num_instructions == 7
+    assert cfg.generate.instruction_sampling.top_p == 0.9
+    assert cfg.generate.instruction_sampling.temperature == 0.7  # untouched fields keep defaults
+
+
+def test_toml_file(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[filters]\nrouge_threshold = 0.5\nblacklist = ["image"]\n')
+    cfg = load_config(f)
+    assert cfg.filters.rouge_threshold == 0.5 and cfg.filters.blacklist == ["image"]
+
+
+@pytest.mark.parametrize("text,line,needle", [
+    ("generate:\n  num_instructoins: 3\n", 2, "unknown key 'generate.num_instructoins'"),
+    ("generate:\n  num_instructions: three\n", 2, "must be an integer"),
+    ("generate:\n  num_instructions: 0\n", 2, "must be >= 1"),
+    ("filters:\n  rouge_threshold: 1.5\n", 2, "rouge_threshold"),
+    ("teacher:\n  backend: gpt\n", 2, "must be one of"),
+    ("teacher: [1, 2]\n", 1, "must be a mapping"),
+    ("generate:\n  seeds: [unclosed\n", 3, "invalid YAML"),
+])
+def test_bad_yaml_names_file_and_line(tmp_path, text, line, needle):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_config(f)
+    assert needle in str(e.value)
+    assert e.value.path == str(f) and e.value.line == line
+
+
+def test_bad_toml_line(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text('[train]\nepochs = 1\nlora_r = "big"\n')
+    with pytest.raises(UserError) as e:
+        load_config(f)
+    assert e.value.line == 3 and "lora_r" in str(e.value)
+
+
+def test_missing_and_wrong_suffix(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "c.json").write_text("{}")
+    with pytest.raises(UserError, match="must end in"):
+        load_config(tmp_path / "c.json")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, {"generate.num_instructions": 12, "teacher.base_urls": ["http://127.0.0.1:1/v1"]})
+    f = tmp_path / "resolved.yaml"
+    f.write_text(dump_yaml(cfg))
+    assert load_config(f) == cfg
+
+
+def test_readme_documents_every_key():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for line in config_reference().splitlines()[2:]:
+        key = line.split("`")[1]
+        assert f"`{key}`" in readme, f"README config reference lacks {key}"

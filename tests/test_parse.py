@@ -1,0 +1,65 @@
+from selfinstruct.generate.parse import normalise_instruction, parse_instances, parse_instructions, parse_yes_no
+from selfinstruct.seeds import Instance
+
+
+def test_continuation_of_numbered_list():
+    text = " Write a poem about rain.\n10. List three uses of salt.\n11.  Explain   tides  simply."
+    items, dropped = parse_instructions(text, truncated=False)
+    assert items == ["Write a poem about rain.", "List three uses of salt.", "Explain tides simply."]
+    assert dropped == []
+
+
+def test_chat_style_restarts_numbering_and_prose_preamble():
+    text = "Sure! Here are more tasks:\n9. Name two rivers in Asia.\n10) Translate 'cat' into Spanish."
+    items, dropped = parse_instructions(text, truncated=False)
+    assert items == ["Name two rivers in Asia.", "Translate 'cat' into Spanish."]
+    assert dropped == [("Sure! Here are more tasks:", "preamble")]
+
+
+def test_missing_numbers_keep_one_item_and_case_is_kept():
+    items, _ = parse_instructions("write a JSON schema for a Python class", truncated=False)
+    assert items == ["Write a JSON schema for a Python class"]  # not str.capitalize()'s "json", "python"
+
+
+def test_truncated_last_item_dropped():
+    items, dropped = parse_instructions("Sort the list.\n10. Describe the water cyc", truncated=True)
+    assert items == ["Sort the list."]
+    assert dropped == [("Describe the water cyc", "truncated")]
+
+
+def test_empty_items_are_counted():
+    items, dropped = parse_instructions("Do X now please.\n10. \n11. Do Y now please.", truncated=False)
+    assert items == ["Do X now please.", "Do Y now please."] and dropped == [("", "empty_item")]
+
+
+def test_yes_no():
+    assert parse_yes_no(" Yes") is True
+    assert parse_yes_no("no.") is False
+    assert parse_yes_no("**Yes**, it is") is True
+    assert parse_yes_no("Maybe") is None and parse_yes_no("") is None
+
+
+def test_input_first_instances_with_prose_and_none():
+    text = ("Here you go.\nExample 1\nInput: 25 C\nOutput: 77 F\nExample 2:\nInput: <none>\nOutput: nothing to convert"
+            "\nExample 3\nOutput: direct answer")
+    assert parse_instances(text, classification=False) == [
+        Instance("25 C", "77 F"), Instance("", "nothing to convert"), Instance("", "direct answer")]
+
+
+def test_input_first_run_together_pairs_keep_first_output():
+    text = "Example 1\nInput: a\nOutput: b\nInput: c\nOutput: d"
+    assert parse_instances(text, classification=False) == [Instance("a", "b")]
+
+
+def test_no_example_header_is_one_instance():
+    assert parse_instances("Input: x\nOutput: y", classification=False) == [Instance("x", "y")]
+
+
+def test_output_first_instances():
+    text = "Class label: positive\nInput: Loved it.\nClass label: negative\nSentence: Hated it.\nClass label: neutral"
+    assert parse_instances(text, classification=True) == [
+        Instance("Loved it.", "positive"), Instance("Sentence: Hated it.", "negative"), Instance("", "neutral")]
+
+
+def test_normalise():
+    assert normalise_instruction("  tell me\n a joke ") == "Tell me a joke"

@@ -1,0 +1,118 @@
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import trl
+from conftest import cli
+from safetensors.torch import load_file
+
+from selfinstruct.config import Config
+from selfinstruct.errors import UserError
+from selfinstruct.train import IGNORE, build_dataset, prepare_tokenizer, run_train, tokenize_conversation
+
+TEMPLATES = Path(trl.__file__).parent / "chat_templates"
+CONV = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris is the capital."}]
+MULTI = [{"role": "user", "content": "Hi there."}, {"role": "assistant", "content": "Hello! How can I help?"},
+         {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+# template -> (file, eos token, end-of-turn token, trained after each reply, trained after the last one)
+FAMILIES = {
+    "chatml": (None, "<|im_end|>", "<|im_end|>", "<|im_end|>\n", ""),
+    "qwen2_5": ("qwen2_5.jinja", "<|im_end|>", "<|im_end|>", "<|im_end|>\n", ""),
+    "llama3": ("llama3.jinja", "<|eot_id|>", "<|eot_id|>", "<|eot_id|>", ""),
+    "gemma": ("gemma.jinja", "<eos>", "<end_of_turn>", "<end_of_turn>\n", ""),
+    # Phi-3 closes a turn with <|end|> and the whole conversation with the EOS
+    "phi3": ("phi3.jinja", "<|endoftext|>", "<|end|>", "<|end|>\n", "<|endoftext|>"),
+}
+
+
+def family_tokenizer(tokenizer, name):
+    tok = copy.deepcopy(tokenizer)
+    file, eos, _, _, _ = FAMILIES[name]
+    if file:
+        tok.chat_template = (TEMPLATES / file).read_text()
+    tok.eos_token = eos
+    tok.bos_token = {"llama3": "<|begin_of_text|>", "gemma": "<bos>"}.get(name, tok.bos_token)
+    return tok
+
+
+def trained_text(tok, row):
+    return tok.decode([i for i, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != IGNORE])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_labels_single_turn(tokenizer, family):
+    tok = family_tokenizer(tokenizer, family)
+    row = tokenize_conversation(tok, CONV)
+    _, _, eot, after, last = FAMILIES[family]
+    assert trained_text(tok, row) == "Paris is the capital." + after + last
+    assert tok.convert_tokens_to_ids(eot) in [lab for lab in row["labels"] if lab != IGNORE]
+    first = next(i for i, lab in enumerate(row["labels"]) if lab != IGNORE)
+    assert tok.decode(row["input_ids"][:first]).endswith(tok.apply_chat_template(
+        CONV[:1], tokenize=False, add_generation_prompt=True)[-8:])  # everything before is the prompt
+    assert all(lab == IGNORE for lab in row["labels"][:first])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_labels_multi_turn_train_only_assistant_turns(tokenizer, family):
+    tok = family_tokenizer(tokenizer, family)
+    row = tokenize_conversation(tok, MULTI)
+    _, _, _, after, last = FAMILIES[family]
+    assert trained_text(tok, row) == "Hello! How can I help?" + after + "Blue." + after + last
+    assert "Name a colour" not in trained_text(tok, row)
+
+
+def test_default_template_for_students_without_one(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    tok.eos_token = "</s>"
+    prepare_tokenizer(tok, None)
+    row = tokenize_conversation(tok, CONV)
+    assert trained_text(tok, row) == "Paris is the capital.</s>"
+    assert "### Instruction:\nCapital of France?\n\n### Response:\n" in tok.decode(row["input_ids"])
+
+
+def test_template_that_hides_the_reply_is_refused(tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
+    with pytest.raises(UserError, match="cannot be located"):
+        tokenize_conversation(tok, CONV)
+
+
+def test_nothing_to_train_within_max_length(tokenizer):
+    long = [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]
+    ds, dropped = build_dataset(tokenizer, [long, CONV], max_length=64)
+    assert dropped == 1 and len(ds) == 1
+    assert build_dataset(tokenizer, [long], max_length=64) == (None, 1)
+
+
+def test_train_writes_an_adapter_that_changed(random_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": f"Say the number {i}.", "input": "", "output": f"{i}"}
+                                for i in range(24)]))
+    cfg = Config()
+    cfg.train.data, cfg.train.student, cfg.train.out = str(data), str(random_model_dir), str(tmp_path / "t")
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.logging_steps = 1, 8, 1
+    out = run_train(cfg)
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    lora_b = [w for k, w in weights.items() if "lora_B" in k]
+    assert lora_b and any(torch.count_nonzero(w) for w in lora_b)  # B starts at zero; training moved it
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 3 and metrics["train_examples"] == 24
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(random_model_dir), out / "adapter")
+    assert model.peft_config["default"].r == 16
+
+
+def test_preview_json(random_model_dir, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": CONV}) + "\n")
+    r = cli("train", "--data", data, "--student", random_model_dir, "--preview", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    trained = "".join(t["token"] for t in shown[0] if t["trained"])
+    assert trained == "Paris is the capital.<|im_end|>\n"
+    assert not (tmp_path / "train").exists()
