@@ -75,7 +75,10 @@ def _config(args: argparse.Namespace, resume_dir: str | None) -> Config:
 def cmd_generate(args: argparse.Namespace) -> int:
     from selfinstruct.generate.loop import run_generate
 
-    cfg = _config(args, getattr(args, "generate.out") if getattr(args, "generate.resume") else None)
+    out = getattr(args, "generate.out")
+    if getattr(args, "generate.resume") and out is None:
+        raise UserError("--resume needs --out DIR, the run to continue")
+    cfg = _config(args, out if getattr(args, "generate.resume") else None)
     out = run_generate(cfg)
     console.print(f"[green]done:[/] {out}")
     return 0

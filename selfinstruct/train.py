@@ -6,9 +6,9 @@ Masking is ours, not the template's: for every assistant turn i we render the co
 turn i with the generation prompt (P) and up to the end of turn i (U); the characters from len(P)
 to the end of U (as far as U agrees with the whole conversation) -- the reply and the template's
 end-of-turn marker -- are trained, everything else is not. Tokens are mapped to characters
-through the tokenizer's offsets, so this works for
-any template (Llama-3 and Qwen2.5 have no {% generation %} markers) and any number of turns. The
-pre-tokenized `input_ids` / `labels` go to TRL's SFTTrainer, which uses them as they are.
+through the tokenizer's offsets, so this works for any template (Llama-3 and Qwen2.5 have no
+{% generation %} markers) and any number of turns. The pre-tokenized `input_ids` / `labels` go to
+TRL's SFTTrainer, which uses them as they are.
 """
 
 from __future__ import annotations

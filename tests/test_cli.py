@@ -121,3 +121,22 @@ def test_bad_config_names_line(tmp_path):
 def test_train_bad_data(tmp_path, random_model_dir):
     r = cli("train", "--data", tmp_path / "missing.jsonl", "--student", random_model_dir)
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_resume_cuts_rows_of_an_unfinished_step(teacher_dir, fast_config, tmp_path):
+    """Rows appended after the last checkpoint (a crash mid-step) are cut, and the step is redone."""
+    run = tmp_path / "run"
+    args = ["generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--out", run, "--config", fast_config]
+    assert cli(*args, "--num-instructions", 2).returncode == 0
+    good = read_jsonl(run / "generated.jsonl")
+    with (run / "generated.jsonl").open("a") as fh:  # what a step that died before its checkpoint leaves
+        fh.write(json.dumps({**good[0], "id": "r1-999999"}) + "\n")
+    assert cli(*args, "--num-instructions", 3, "--resume").returncode == 0
+    records = read_jsonl(run / "generated.jsonl")
+    assert "r1-999999" not in {r["id"] for r in records}
+    assert records[: len(good)] == good and len({r["id"] for r in records}) == len(records)
+
+
+def test_resume_needs_out(tmp_path):
+    r = cli("generate", "--seeds", ROOT / "seeds", "--resume", cwd=tmp_path)
+    assert r.returncode == 2 and "--resume needs --out" in r.stderr

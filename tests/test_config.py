@@ -75,8 +75,6 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(f) == cfg
 
 
-def test_readme_documents_every_key():
+def test_readme_config_reference_is_current():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for line in config_reference().splitlines()[2:]:
-        key = line.split("`")[1]
-        assert f"`{key}`" in readme, f"README config reference lacks {key}"
+    assert config_reference() in readme, "regenerate the README table from config_reference()"

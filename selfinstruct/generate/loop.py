@@ -30,6 +30,7 @@ from selfinstruct.seeds import SeedTask, load_tasks
 from selfinstruct.teacher import Teacher, make_teacher
 
 console = Console(stderr=True)
+OUTPUT_FILES = ("generated.jsonl", "rejected.jsonl")
 
 
 @dataclass
@@ -74,9 +75,11 @@ class Run:
         self._accepted.write_many([r.to_json() for r in records])
 
     def checkpoint(self) -> None:
+        """After a step's appends are fsynced: the step, counters and file sizes that belong together."""
         write_json(self.dir / "state.json", {
             "step": self.step, "stalled_requests": self.stalled_requests, "n_records": self.n_records,
-            "counts": dict(self.counts), "reasons": dict(self.reasons)})
+            "counts": dict(self.counts), "reasons": dict(self.reasons),
+            "sizes": {name: (self.dir / name).stat().st_size for name in OUTPUT_FILES}})
 
     @property
     def accepted_instructions(self) -> int:
@@ -107,9 +110,17 @@ def _restore(run: Run) -> None:
     for s in run.seeds:
         run.pool.add(s.instruction)
     state_path = run.dir / "state.json"
-    if not state_path.exists():
+    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
+    # Rows appended after the last checkpoint belong to a step that did not finish: cut them, the
+    # step is redone with the same seeds.
+    for name in OUTPUT_FILES:
+        path = run.dir / name
+        keep = state["sizes"][name] if state else 0
+        if path.exists() and path.stat().st_size > keep:
+            with path.open("r+b") as fh:
+                fh.truncate(keep)
+    if state is None:
         return
-    state = json.loads(state_path.read_text(encoding="utf-8"))
     run.step, run.stalled_requests = state["step"], state["stalled_requests"]
     run.counts, run.reasons = Counter(state["counts"]), Counter(state["reasons"])
     records = read_jsonl(run.dir / "generated.jsonl")
