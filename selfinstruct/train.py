@@ -118,10 +118,6 @@ def run_train(cfg: Config) -> Path:
     out = Path(tcfg.out) if tcfg.out else default_out(tcfg.data)
     if (out / "adapter").exists() and not tcfg.resume:
         raise UserError("an adapter is already there: pass --resume or another --out", out)
-    out.mkdir(parents=True, exist_ok=True)
-    tcfg.out = str(out)
-    write_atomic(out / "config.yaml", dump_yaml(cfg))
-
     model, tok = load_model_and_tokenizer(tcfg.student, "auto", "auto", cfg.teacher.trust_remote_code, "student")
     prepare_tokenizer(tok, tcfg.chat_template)
     train_ds, dropped = build_dataset(tok, train_convs, tcfg.max_length)
@@ -129,6 +125,10 @@ def run_train(cfg: Config) -> Path:
         raise UserError(f"no training example has a trained token within max_length={tcfg.max_length} "
                         "(empty replies, or prompts longer than max_length)", tcfg.data)
     eval_ds, _ = build_dataset(tok, eval_convs, tcfg.max_length) if eval_convs else (None, 0)
+    # Only now, with the data and the model known to be usable, does anything get written.
+    out.mkdir(parents=True, exist_ok=True)
+    tcfg.out = str(out)
+    write_atomic(out / "config.yaml", dump_yaml(cfg))
     trained_tokens = sum(sum(label != IGNORE for label in r) for r in train_ds["labels"])
 
     cuda = torch.cuda.is_available()

@@ -108,6 +108,15 @@ def test_default_teacher_offline_says_pass_teacher(tmp_path):
             env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 2
     assert "Qwen/Qwen2.5-1.5B-Instruct" in r.stderr and "--teacher PATH" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_unloadable_student_writes_nothing(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi.", "output": "Hi."}) + "\n")
+    r = cli("train", "--data", data, "--student", tmp_path / "no-model", "--out", tmp_path / "t")
+    assert r.returncode == 2 and "--student PATH" in r.stderr
+    assert not (tmp_path / "t").exists()
 
 
 def test_bad_config_names_line(tmp_path):

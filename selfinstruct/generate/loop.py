@@ -90,12 +90,15 @@ def default_run_dir(method: str) -> Path:
     return Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-{method}"
 
 
-def prepare_run_dir(out: Path, resume: bool) -> None:
-    """Refuse to mix two runs in one directory unless asked to resume."""
+def check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse to mix two runs in one directory unless asked to resume (writes nothing)."""
     if out.exists() and not out.is_dir():
         raise UserError("--out exists and is not a directory", out)
     if not resume and out.is_dir() and any((out / f).exists() for f in ("generated.jsonl", "state.json")):
         raise UserError("this directory already holds a run: pass --resume to continue it, or another --out", out)
+
+
+def make_run_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -139,12 +142,14 @@ def run_generate(cfg: Config) -> Path:
     from selfinstruct.generate import self_instruct
 
     gcfg = cfg.generate
-    seeds = load_tasks(gcfg.seeds)  # validate input before creating anything
+    # Everything that can fail on bad input fails before anything is written.
+    seeds = load_tasks(gcfg.seeds)
     out = Path(gcfg.out) if gcfg.out else default_run_dir(gcfg.method)
-    prepare_run_dir(out, gcfg.resume)
+    check_run_dir(out, gcfg.resume)
+    teacher = make_teacher(cfg.teacher)
+    make_run_dir(out)
     cfg.generate.out = str(out)
     write_atomic(out / "config.yaml", dump_yaml(cfg))
-    teacher = make_teacher(cfg.teacher)
     run = Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds)
     _restore(run)
     run.open()
