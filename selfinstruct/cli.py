@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="Grow an instruction dataset from seed tasks with a teacher model.")
     _flag(g, "--seeds", "generate.seeds", metavar="PATH")
-    _flag(g, "--method", "generate.method", choices=["self-instruct"])
+    _flag(g, "--method", "generate.method", choices=["self-instruct", "alpaca"])
     _flag(g, "--teacher", "teacher.model", metavar="MODEL")
     _flag(g, "--backend", "teacher.backend", choices=["auto", "vllm", "openai", "transformers"])
     g.add_argument("--base-url", dest="teacher.base_urls", action="append", default=None, metavar="URL",
@@ -61,6 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true", help="With --preview: print JSON instead of colours.")
     t.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
     t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("dedup", help="Remove near-duplicate records from a data file (greedy, input order).")
+    d.add_argument("input", metavar="IN", help="A data file (Alpaca, Self-Instruct, chat) or a generate run.")
+    d.add_argument("--out", required=True, metavar="OUT", help="Where the kept records go (JSONL).")
+    d.add_argument("--method", choices=["rouge", "exact", "minhash"], default="rouge",
+                   help="rouge: ROUGE-L F1 as rouge_score computes it (Latin script only); exact: normalised "
+                        "text; minhash: Jaccard of character 5-grams via MinHash LSH (any language).")
+    d.add_argument("--threshold", type=float, default=0.7, help="Drop at or above this similarity.")
+    d.set_defaults(func=cmd_dedup)
+
+    st = sub.add_parser("stats", help="Print a generate run's counts and diversity statistics.")
+    st.add_argument("run", metavar="RUN_DIR")
+    st.set_defaults(func=cmd_stats)
     return parser
 
 
@@ -92,6 +105,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     out = run_train(cfg)
     console.print(f"[green]done:[/] {out}")
+    return 0
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from selfinstruct.dedup_cli import run_dedup
+
+    run_dedup(args.input, args.out, args.method, args.threshold)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from selfinstruct.stats import show_stats
+
+    show_stats(args.run)
     return 0
 
 

@@ -123,9 +123,23 @@ class FilterConfig:
 
 
 @dataclass
+class AlpacaConfig:
+    num_prompt_instructions: int = opt(3, "Seed tasks shown (instruction, input, output) per prompt.")
+    num_tasks: int = opt(20, "Tasks the prompt asks for; generation stops before item N (Alpaca: 20).")
+    sampling: Sampling = opt(Sampling(temperature=1.0, top_p=1.0, max_tokens=3072),
+                             "Sampling for Alpaca prompts (\"\\nN\" and \"N.\" are added as stop strings).")
+
+    def __post_init__(self) -> None:
+        _require(self.num_prompt_instructions >= 1, "num_prompt_instructions", "must be >= 1")
+        _require(self.num_tasks > self.num_prompt_instructions + 1, "num_tasks",
+                 "must leave room for new tasks after the demonstrations")
+
+
+@dataclass
 class GenerateConfig:
     seeds: str = opt("seeds", "Seed tasks: a file or a directory of .jsonl/.json files.")
-    method: str = opt("self-instruct", "Generation recipe.", ("self-instruct",))
+    method: str = opt("self-instruct", "Generation recipe: self-instruct (Wang et al.) or alpaca (Taori et al.).",
+                      ("self-instruct", "alpaca"))
     num_instructions: int = opt(100, "Stop after this many accepted instructions (each with its instances).")
     out: str | None = opt(None, "Run directory; default outputs/<date>-<time>-<method>.")
     seed: int = opt(42, "Seed of every random choice (demo sampling, teacher sampling, split).")
@@ -147,6 +161,7 @@ class GenerateConfig:
     instance_sampling: Sampling = opt(
         Sampling(temperature=0.0, max_tokens=350, presence_penalty=1.5, stop=["Task:"]),
         "Sampling for instances (\"Example N+1\" is added as a stop string).")
+    alpaca: AlpacaConfig = opt(AlpacaConfig(), "Settings of --method alpaca.")
 
     def __post_init__(self) -> None:
         _require(self.num_instructions >= 1, "num_instructions", "must be >= 1")
@@ -367,7 +382,7 @@ def config_reference() -> str:
     def walk(obj: Any, prefix: str) -> None:
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value) and not isinstance(value, Sampling):
+            if dataclasses.is_dataclass(value) and not isinstance(value, Sampling):  # a section: recurse
                 walk(value, f"{prefix}{f.name}.")
                 continue
             default = dataclasses.asdict(value) if isinstance(value, Sampling) else value

@@ -24,6 +24,7 @@ generate:
   max_stalled_requests: 200
   instruction_sampling: {temperature: 1.0, top_p: 1.0, max_tokens: 96, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}
   instance_sampling: {temperature: 0.0, max_tokens: 96, stop: ["Task:"]}
+  alpaca: {sampling: {temperature: 1.0, max_tokens: 160}}
 train:
   epochs: 2
   batch_size: 4
@@ -43,6 +44,14 @@ def teacher_dir(tmp_path_factory, tokenizer) -> Path:
     model = tiny.build_model(tokenizer, hidden=96, layers=2)
     tiny.finetune(model, tokenizer, tiny.teacher_examples(), steps=200, batch=8, lr=5e-3)
     return tiny.save(model, tokenizer, tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def alpaca_teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama fine-tuned on well-formed continuations of the Alpaca prompt only."""
+    model = tiny.build_model(tokenizer, hidden=96, layers=2, seed=2)
+    tiny.finetune(model, tokenizer, tiny.alpaca_examples(), steps=150, batch=8, lr=5e-3)
+    return tiny.save(model, tokenizer, tmp_path_factory.mktemp("alpaca_teacher"))
 
 
 @pytest.fixture(scope="session")

@@ -14,15 +14,16 @@ RECORD_KEYS = {"id", "instruction", "input", "output", "method", "round", "paren
                "sampling", "scores"}
 
 
-def check_run(run, n_instructions, teacher):
+def check_run(run, n_instructions, teacher, method="self-instruct"):
     records = read_jsonl(run / "generated.jsonl")
     assert len({r["instruction"] for r in records}) == n_instructions
     assert len({r["id"] for r in records}) == len(records)
     for r in records:
         assert set(r) == RECORD_KEYS
-        assert r["teacher"] == str(teacher) and r["method"] == "self-instruct" and r["round"] == 1
-        assert len(r["parents"]) == 8 and r["output"].strip()
-        assert r["template"].startswith("self_instruct/instructions.jinja@")
+        assert r["teacher"] == str(teacher) and r["method"] == method and r["round"] == 1
+        assert len(r["parents"]) == (8 if method == "self-instruct" else 3) and r["output"].strip()
+        assert r["template"].startswith({"self-instruct": "self_instruct/instructions.jinja@",
+                                         "alpaca": "alpaca/prompt.jinja@"}[method])
         assert r["scores"]["rouge_max"] < 0.7
     stats = json.loads((run / "stats.json").read_text())
     assert stats["accepted_instructions"] == n_instructions and stats["accepted_records"] == len(records)
@@ -36,6 +37,8 @@ def check_run(run, n_instructions, teacher):
     dd = load_from_disk(str(run / "dataset"))
     assert len(dd["train"]) + len(dd["test"]) == len(records) and len(dd["test"]) >= 1
     assert dd["train"][0]["messages"][1]["role"] == "assistant"
+    assert stats["diversity"]["rouge_vs_seeds"]["n"] == n_instructions
+    assert {p.name for p in (run / "plots").iterdir()} == {"leading_verbs.png", "lengths.png", "rouge_vs_seeds.png"}
     return records
 
 
@@ -149,3 +152,16 @@ def test_resume_cuts_rows_of_an_unfinished_step(teacher_dir, fast_config, tmp_pa
 def test_resume_needs_out(tmp_path):
     r = cli("generate", "--seeds", ROOT / "seeds", "--resume", cwd=tmp_path)
     assert r.returncode == 2 and "--resume needs --out" in r.stderr
+
+
+def test_generate_alpaca_and_stats(alpaca_teacher_dir, fast_config, tmp_path):
+    run = tmp_path / "run"
+    r = cli("generate", "--seeds", ROOT / "seeds", "--teacher", alpaca_teacher_dir, "--method", "alpaca",
+            "--num-instructions", 4, "--out", run, "--config", fast_config)
+    assert r.returncode == 0, r.stderr
+    records = check_run(run, 4, alpaca_teacher_dir, method="alpaca")
+    assert all(r["sampling"]["task"]["temperature"] == 1.0 for r in records)
+    stats = json.loads((run / "stats.json").read_text())
+    assert set(stats["requests"]) == {"tasks"}
+    r = cli("stats", run)
+    assert r.returncode == 0 and "accepted instructions" in r.stdout and "ROUGE-L against the seeds" in r.stdout

@@ -6,7 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 
-from selfinstruct.dedup import RougePool, rouge_l, rouge_tokens
+from selfinstruct.dedup import (
+    RougePool,
+    exact_dedup,
+    greedy_dedup,
+    lsh_bands,
+    minhash_dedup,
+    rouge_l,
+    rouge_tokens,
+)
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_data.json"
@@ -44,19 +52,67 @@ def test_pool_best_matches_brute_force():
     assert RougePool().best(q) == (0.0, -1)
 
 
+def reference_greedy(texts, threshold):
+    """The greedy loop of Self-Instruct / Alpaca, written with the rouge_score package."""
+    kept_texts, kept = [], []
+    for i, t in enumerate(texts):
+        if all(SCORER.score(t, k)["rougeL"].fmeasure < threshold for k in kept_texts):
+            kept_texts.append(t)
+            kept.append(i)
+    return kept
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(WORDS, min_size=0, max_size=9).map(" ".join), max_size=30),
+       st.sampled_from([0.3, 0.5, 0.6, 0.7, 0.8, 1.0]))
+def test_greedy_dedup_equals_reference_on_random_lists(texts, threshold):
+    # A 20-word vocabulary makes near-duplicates and exact ties at the threshold common.
+    assert greedy_dedup(texts, threshold) == reference_greedy(texts, threshold)
+
+
 @pytest.mark.skipif(not ALPACA.exists(), reason=f"{ALPACA} not present (benchmark data lives beside the repo)")
-def test_greedy_dedup_matches_reference_on_alpaca_slice():
-    instructions = [r["instruction"] for r in json.loads(ALPACA.read_text())[:300]]
-    for threshold in (0.7, 0.5):
-        kept_ref: list[str] = []
-        ref = []
-        for i, text in enumerate(instructions):
-            if all(SCORER.score(text, k)["rougeL"].fmeasure < threshold for k in kept_ref):
-                kept_ref.append(text)
-                ref.append(i)
-        pool, ours = RougePool(), []
-        for i, text in enumerate(instructions):
-            if pool.best(text)[0] < threshold:
-                pool.add(text)
-                ours.append(i)
-        assert ours == ref
+@pytest.mark.parametrize("threshold", [0.7, 0.5])
+def test_greedy_dedup_matches_reference_on_alpaca(threshold):
+    instructions = [r["instruction"] for r in json.loads(ALPACA.read_text())[:2000]]
+    ours = greedy_dedup(instructions, threshold)
+    assert ours == reference_greedy(instructions, threshold)
+    if threshold == 0.5:  # the case with many exact ties: some F values sit exactly on 0.5
+        scores = [SCORER.score(instructions[i], instructions[j])["rougeL"].fmeasure
+                  for i in range(300) for j in range(i)]
+        assert scores.count(0.5) > 10
+
+
+def test_exact_dedup_normalises():
+    texts = ["Write a poem.", "write  a POEM.", "Write a poem!", "Ｗrite a poem."]
+    assert exact_dedup(texts) == [0, 2]
+
+
+def test_minhash_removes_near_copies_in_any_script():
+    ja = "猫は日当たりの良い窓辺で一日中眠っていることが多いです。"
+    texts = [ja, ja.replace("一日中", "午後ずっと"), "東京は日本の首都であり、人口が最も多い都市です。",
+             "The quick brown fox jumps over the lazy dog near the river bank today.",
+             "The quick brown fox jumps over the lazy dog near the river bank, today."]
+    assert minhash_dedup(texts, 0.5) == [0, 2, 3]
+    assert greedy_dedup(texts[:3], 0.7) == [0, 1, 2]  # ROUGE sees no tokens in Japanese: keeps all
+    assert lsh_bands(0.7, 128) in [(16, 8), (8, 16), (32, 4)]
+
+
+def test_dedup_cli(tmp_path):
+    from conftest import cli
+
+    src = tmp_path / "in.json"
+    rows = [{"instruction": "Write a poem about the sea.", "output": "1"},
+            {"instruction": "Write a poem about the sea!", "output": "2"},
+            {"messages": [{"role": "user", "content": "List three fruits."}, {"role": "assistant", "content": "x"}]},
+            {"instruction": "List three fruits", "input": "", "output": "3"}]
+    src.write_text(json.dumps(rows))
+    out = tmp_path / "out.jsonl"
+    r = cli("dedup", src, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [rows[0], rows[2]]
+    assert "read 4, kept 2, removed 2" in r.stderr
+    r = cli("dedup", src, "--out", out, "--method", "exact")
+    assert len(out.read_text().splitlines()) == 4
+    (tmp_path / "bad.jsonl").write_text('{"output": "no instruction"}\n')
+    r = cli("dedup", tmp_path / "bad.jsonl", "--out", tmp_path / "o.jsonl")
+    assert r.returncode == 2 and "bad.jsonl:1:" in r.stderr and not (tmp_path / "o.jsonl").exists()

@@ -106,6 +106,23 @@ def teacher_examples(n_each: int = 120, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
+def alpaca_examples(n: int = 160, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, ideal answer) pairs for the Alpaca prompt: the list continued from item 4."""
+    rng = random.Random(seed)
+    seeds = load_tasks(ROOT / "seeds")
+    out = []
+    for _ in range(n):
+        demos = [{"instruction": t.instruction, "input": t.instances[0].input or "<noinput>",
+                  "output": t.instances[0].output} for t in rng.sample(seeds, 3)]
+        items = []
+        for j, (instruction, inp, output) in enumerate(synthetic_task(rng) for _ in range(3)):
+            head = "" if j == 0 else f"{j + 4}. Instruction: "
+            items.append(f"{head}{instruction}\n{j + 4}. Input:\n{inp if j % 2 else '<noinput>'}\n"
+                         f"{j + 4}. Output:\n{output}")
+        out.append((render("alpaca/prompt.jinja", num_tasks=20, demos=demos), "\n###\n".join(items)))
+    return out
+
+
 def finetune(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, pairs: list[tuple[str, str]],
              steps: int = 300, batch: int = 16, lr: float = 3e-3, seed: int = 0) -> float:
     """Full fine-tuning on chat-formatted (prompt, answer) pairs, loss on the answer; returns last loss."""

@@ -25,6 +25,7 @@ from rich.table import Table
 from selfinstruct.config import Config, dump_yaml
 from selfinstruct.dedup import RougePool
 from selfinstruct.errors import UserError
+from selfinstruct.filters import check_instruction
 from selfinstruct.records import JsonlAppender, Record, read_jsonl, write_atomic, write_json
 from selfinstruct.seeds import SeedTask, load_tasks
 from selfinstruct.teacher import Teacher, make_teacher
@@ -80,6 +81,21 @@ class Run:
             "step": self.step, "stalled_requests": self.stalled_requests, "n_records": self.n_records,
             "counts": dict(self.counts), "reasons": dict(self.reasons),
             "sizes": {name: (self.dir / name).stat().st_size for name in OUTPUT_FILES}})
+
+    def screen(self, instruction: str, n_fresh: int) -> tuple[bool, str, dict[str, Any]]:
+        """The instruction filters, then ROUGE-L against the pool, then the target cap. A kept
+        instruction joins the pool at once, so later candidates of the same step see it."""
+        ok, reason = check_instruction(instruction, self.cfg.filters)
+        if not ok:
+            return False, reason, {}
+        score, j = self.pool.best(instruction)
+        extra = {"rouge_max": round(score, 4), "nearest": self.pool.texts[j] if j >= 0 else ""}
+        if score >= self.cfg.filters.rouge_threshold:
+            return False, "rouge_similar", extra
+        if self.accepted_instructions + n_fresh >= self.cfg.generate.num_instructions:
+            return False, "over_target", extra
+        self.pool.add(instruction)
+        return True, "", extra
 
     @property
     def accepted_instructions(self) -> int:
@@ -139,8 +155,9 @@ def _restore(run: Run) -> None:
 
 def run_generate(cfg: Config) -> Path:
     """Generate until `num_instructions` are accepted (or the teacher stalls); write stats and dataset."""
-    from selfinstruct.generate import self_instruct
+    from selfinstruct.generate import alpaca, self_instruct
 
+    step = {"self-instruct": self_instruct.step, "alpaca": alpaca.step}[cfg.generate.method]
     gcfg = cfg.generate
     # Everything that can fail on bad input fails before anything is written.
     seeds = load_tasks(gcfg.seeds)
@@ -164,7 +181,7 @@ def run_generate(cfg: Config) -> Path:
                 if run.stalled_requests >= gcfg.max_stalled_requests:
                     stopped = "stalled"
                     break
-                self_instruct.step(run)
+                step(run)
                 run.checkpoint()
                 bar.update(task, completed=run.accepted_instructions,
                            info=f"{run.n_records} records · {sum(run.reasons.values())} rejected")
@@ -193,6 +210,7 @@ class StalledError(Exception):
 def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
     """stats.json and the dataset, both rebuilt from generated.jsonl, so a resumed run writes the same."""
     from selfinstruct.dataset import save_dataset
+    from selfinstruct.stats import diversity, plot_diversity
 
     records = read_jsonl(run.dir / "generated.jsonl")
     stats = {
@@ -210,9 +228,10 @@ def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
         "steps": run.step,
         "elapsed_s": round(elapsed, 2),
     }
-    write_json(run.dir / "stats.json", stats)
+    stats["diversity"] = diversity(records, [s.instruction for s in run.seeds])
     stats["dataset"] = save_dataset(records, run.dir / "dataset", run.cfg.generate.test_size,
                                     run.cfg.generate.seed)
+    plot_diversity(stats["diversity"], run.dir / "plots")
     write_json(run.dir / "stats.json", stats)
     return stats
 

@@ -87,3 +87,35 @@ def _output_first(text: str) -> list[Instance]:
         inp = (parts[1] if len(parts) == 2 else rest).strip()
         out.append(Instance("" if inp.lower() in NO_INPUT else inp, label.strip()))
     return out
+
+
+_ALPACA_FIELD = re.compile(r"(?:^|\n)[ \t]*\d+[ \t]*\.[ \t]*(Instruction|Input|Output)[ \t]*:", re.IGNORECASE)
+
+
+def parse_alpaca(text: str, first: int, truncated: bool) -> tuple[list[tuple[str, Instance]], list[tuple[str, str]]]:
+    """Tasks from a continued Alpaca list ("N. Instruction: / N. Input: / N. Output:", split by ###).
+
+    The text continues item `first` (the prompt ended with "first. Instruction:") unless the teacher
+    restarted the numbering. Returns ((instruction, instance) pairs, dropped (text, reason) pairs).
+    Unlike the original, item numbers need not be consecutive: a skipped number loses no task."""
+    restarted = re.match(r"\s*\d+\s*\.\s*Instruction\s*:", text, re.IGNORECASE)
+    chunks = (text if restarted else f"{first}. Instruction:{text}").split("###")
+    dropped: list[tuple[str, str]] = []
+    if truncated and chunks:  # hit max_tokens: the last task may be cut mid-sentence
+        last = chunks.pop()
+        if last.strip():
+            dropped.append((last.strip(), "truncated"))
+    tasks = []
+    for chunk in chunks:
+        if not chunk.strip():
+            continue
+        parts = _ALPACA_FIELD.split(chunk)
+        fields = [p.lower() for p in parts[1::2]]
+        if fields != ["instruction", "input", "output"]:
+            dropped.append((chunk.strip(), "malformed_task"))
+            continue
+        instruction, inp, out = (p.strip() for p in parts[2::2])
+        instruction = normalise_instruction(instruction)
+        inp = "" if inp.lower() in NO_INPUT else inp
+        tasks.append((instruction, Instance(inp, out)))
+    return tasks, dropped

@@ -15,7 +15,7 @@ import random
 import re
 
 from selfinstruct.config import Sampling
-from selfinstruct.filters import check_instruction, clean_instances
+from selfinstruct.filters import clean_instances
 from selfinstruct.generate.loop import Run
 from selfinstruct.generate.parse import parse_instances, parse_instructions, parse_yes_no
 from selfinstruct.prompts import render, template_id
@@ -37,11 +37,12 @@ def sample_demos(rng: random.Random, human: list[tuple[str, str]], machine: list
     return picked
 
 
-def _demo_text(instruction: str) -> str:
+def demo_text(instruction: str) -> str:
+    """A demonstration as the original code shows it: whitespace collapsed, no trailing colon."""
     return re.sub(r"\s+", " ", instruction).strip().rstrip(":")
 
 
-def _seeded(s: Sampling, rng: random.Random, **changes: object) -> Sampling:
+def seeded(s: Sampling, rng: random.Random, **changes: object) -> Sampling:
     return dataclasses.replace(s, seed=rng.getrandbits(31), **changes)
 
 
@@ -56,14 +57,13 @@ def step(run: Run) -> None:
     requests, parents = [], []
     for _ in range(cfg.request_batch_size):
         demos = sample_demos(rng, human, run.machine, cfg.num_prompt_instructions, cfg.num_machine_demos)
-        prompt = render(T_INSTRUCTIONS, instructions=[_demo_text(t) for t, _ in demos])
-        requests.append(Request(prompt, _seeded(cfg.instruction_sampling, rng)))
+        prompt = render(T_INSTRUCTIONS, instructions=[demo_text(t) for t, _ in demos])
+        requests.append(Request(prompt, seeded(cfg.instruction_sampling, rng)))
         parents.append([i for _, i in demos])
     outs = run.teacher.generate(requests)
     run.counts["requests/instructions"] += len(requests)
 
     # 2. Parse, filter, and drop near-duplicates of the pool (which grows as we accept).
-    need = cfg.num_instructions - run.accepted_instructions
     fresh: list[tuple[str, list[str], float]] = []
     for completions, par in zip(outs, parents, strict=True):
         for c in completions:
@@ -71,24 +71,15 @@ def step(run: Run) -> None:
             rejected += [{"stage": "instruction", "reason": r, "instruction": t} for t, r in dropped]
             for item in items:
                 run.counts["candidates"] += 1
-                ok, reason = check_instruction(item, run.cfg.filters)
-                extra: dict = {}
+                ok, reason, extra = run.screen(item, len(fresh))
                 if ok:
-                    score, j = run.pool.best(item)
-                    extra = {"rouge_max": round(score, 4), "nearest": run.pool.texts[j] if j >= 0 else ""}
-                    if score >= run.cfg.filters.rouge_threshold:
-                        ok, reason = False, "rouge_similar"
-                    elif len(fresh) >= need:
-                        ok, reason = False, "over_target"
-                if ok:
-                    run.pool.add(item)
-                    fresh.append((item, par, score))
+                    fresh.append((item, par, extra["rouge_max"]))
                 else:
                     rejected.append({"stage": "instruction", "reason": reason, "instruction": item, **extra})
 
     # 3. Classification or not (decides output-first vs input-first instance generation).
     answers = run.teacher.generate(
-        [Request(render(T_CLASSIFY, instruction=i), _seeded(cfg.classify_sampling, rng)) for i, _, _ in fresh])
+        [Request(render(T_CLASSIFY, instruction=i), seeded(cfg.classify_sampling, rng)) for i, _, _ in fresh])
     run.counts["requests/classify"] += len(fresh)
     is_clf = []
     for a in answers:
@@ -100,14 +91,14 @@ def step(run: Run) -> None:
     stop = list(cfg.instance_sampling.stop) + [f"Example {cfg.max_instances + 1}"]
     inst_requests = [
         Request(render(T_OUTPUT_FIRST if clf else T_INPUT_FIRST, instruction=i),
-                _seeded(cfg.instance_sampling, rng, stop=stop))
+                seeded(cfg.instance_sampling, rng, stop=stop))
         for (i, _, _), clf in zip(fresh, is_clf, strict=True)]
     inst_outs = run.teacher.generate(inst_requests)
     run.counts["requests/instances"] += len(inst_requests)
 
     records: list[Record] = []
     t_instr = template_id(T_INSTRUCTIONS)
-    sampling = {"instruction": _public(cfg.instruction_sampling), "instance": _public(cfg.instance_sampling)}
+    sampling = {"instruction": public(cfg.instruction_sampling), "instance": public(cfg.instance_sampling)}
     for (instr, par, score), clf, out in zip(fresh, is_clf, inst_outs, strict=True):
         c = out[0]
         instances = parse_instances(c.text, clf)
@@ -137,7 +128,8 @@ def step(run: Run) -> None:
     run.stalled_requests = 0 if records else run.stalled_requests + len(requests)
 
 
-def _public(s: Sampling) -> dict:
+def public(s: Sampling) -> dict:
+    """Sampling parameters as recorded on a record (the per-request seed is not)."""
     d = dataclasses.asdict(s)
     d.pop("seed")
     return d

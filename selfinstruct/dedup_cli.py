@@ -1,0 +1,60 @@
+"""`selfinstruct dedup IN --out OUT`: near-duplicate removal for any supported data file.
+
+    selfinstruct dedup data.json --out kept.jsonl --method rouge --threshold 0.7
+
+Greedy in input order: a record is kept when its text scores below the threshold against every
+record kept before it. The text is the instruction (Alpaca, Self-Instruct) or the first user
+message (chat). Kept records are written unchanged, in input order, as JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from selfinstruct.dedup import exact_dedup, greedy_dedup, minhash_dedup
+from selfinstruct.errors import UserError
+from selfinstruct.records import read_rows, write_atomic
+
+console = Console(stderr=True)
+METHODS = ("rouge", "exact", "minhash")
+
+
+def record_text(row: dict[str, Any], where: Path, line: int) -> str:
+    if isinstance(row.get("instruction"), str):
+        return row["instruction"]
+    msgs = row.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+                return m["content"]
+    raise UserError("record has neither a string 'instruction' nor a user message", where, line)
+
+
+def run_dedup(src: str, out: str, method: str, threshold: float) -> dict[str, int]:
+    if method not in METHODS:
+        raise UserError(f"--method must be one of {', '.join(METHODS)}")
+    if not 0 < threshold <= 1:
+        raise UserError(f"--threshold must be in (0, 1], got {threshold}")
+    path = Path(src)
+    if path.is_dir() and (path / "generated.jsonl").exists():  # a generate run directory
+        path = path / "generated.jsonl"
+    rows = list(read_rows(path))
+    texts = [record_text(row, f, line) for f, line, row in rows]
+    if method == "rouge":
+        kept = greedy_dedup(texts, threshold)
+    elif method == "exact":
+        kept = exact_dedup(texts)
+    else:
+        kept = minhash_dedup(texts, threshold)
+    dest = Path(out)
+    if dest.parent and not dest.parent.exists():
+        raise UserError("the output's directory does not exist", dest.parent)
+    write_atomic(dest, "".join(json.dumps(rows[i][2], ensure_ascii=False) + "\n" for i in kept))
+    summary = {"read": len(rows), "kept": len(kept), "removed": len(rows) - len(kept)}
+    console.print(f"{method} dedup (threshold {threshold}): read {summary['read']}, kept {summary['kept']}, "
+                  f"removed {summary['removed']} -> {dest}")
+    return summary

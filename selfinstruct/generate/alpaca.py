@@ -1,0 +1,69 @@
+"""Alpaca-style generation (Taori et al., 2023; tatsu-lab/stanford_alpaca), one step at a time.
+
+    step(run)   # called by loop.run_generate until the target is reached
+
+A step: `request_batch_size` prompts, each showing 3 seed tasks (instruction, input, output;
+drawn with a seeded RNG from the seeds only, as the original does) and asking for 20 tasks; the
+teacher continues the list at item 4, temperature 1.0, stopping before item 20. Each parsed task
+goes through the same instruction filters and ROUGE-L pool as Self-Instruct, then the instance
+checks (empty output, input equal to output). No separate classification or instance requests.
+"""
+
+from __future__ import annotations
+
+import random
+
+from selfinstruct.filters import check_instance
+from selfinstruct.generate.loop import Run
+from selfinstruct.generate.parse import parse_alpaca
+from selfinstruct.generate.self_instruct import demo_text, public, seeded
+from selfinstruct.prompts import render, template_id
+from selfinstruct.records import Record
+from selfinstruct.teacher import Request
+
+T_ALPACA = "alpaca/prompt.jinja"
+
+
+def step(run: Run) -> None:
+    cfg, acfg = run.cfg.generate, run.cfg.generate.alpaca
+    rng = random.Random(f"{cfg.seed}-{run.step}")
+    run.step += 1
+    n_demos = min(acfg.num_prompt_instructions, len(run.seeds))
+    stop = list(acfg.sampling.stop) + [f"\n{acfg.num_tasks}", f"{acfg.num_tasks}."]
+    requests, parents = [], []
+    for _ in range(cfg.request_batch_size):
+        tasks = rng.sample(run.seeds, n_demos)
+        demos = [{"instruction": demo_text(t.instruction), "input": t.instances[0].input or "<noinput>",
+                  "output": t.instances[0].output} for t in tasks]
+        requests.append(Request(render(T_ALPACA, num_tasks=acfg.num_tasks, demos=demos),
+                                seeded(acfg.sampling, rng, stop=stop)))
+        parents.append([t.id for t in tasks])
+    outs = run.teacher.generate(requests)
+    run.counts["requests/tasks"] += len(requests)
+
+    records: list[Record] = []
+    rejected: list[dict] = []
+    template, sampling = template_id(T_ALPACA), {"task": public(acfg.sampling)}
+    for completions, par in zip(outs, parents, strict=True):
+        for c in completions:
+            tasks, dropped = parse_alpaca(c.text, n_demos + 1, c.finish_reason == "length")
+            rejected += [{"stage": "task", "reason": r, "raw": t[:2000]} for t, r in dropped]
+            for instruction, inst in tasks:
+                run.counts["candidates"] += 1
+                ok, reason = check_instance(inst)
+                extra: dict = {}
+                if ok:  # screened last: a kept instruction enters the pool
+                    ok, reason, extra = run.screen(instruction, len(records))
+                if not ok:
+                    rejected.append({"stage": "task", "reason": reason, "instruction": instruction,
+                                     "input": inst.input, "output": inst.output, **extra})
+                    continue
+                records.append(Record(
+                    id=run.next_id(), instruction=instruction, input=inst.input, output=inst.output,
+                    method="alpaca", round=run.round, parents=par, teacher=run.teacher.name,
+                    template=template, sampling=sampling, scores={"rouge_max": extra["rouge_max"]}))
+    for r in records:
+        run.machine.append((r.instruction, r.id))
+    run.accept(records)
+    run.reject(rejected)
+    run.stalled_requests = 0 if records else run.stalled_requests + len(requests)

@@ -1,0 +1,159 @@
+"""Diversity statistics of a run, their PNG plots, and `selfinstruct stats RUN`.
+
+    d = diversity(records, seed_instructions)      # what stats.json holds under "diversity"
+    plot_diversity(d, run / "plots")                 # leading_verbs.png, lengths.png, rouge_vs_seeds.png
+
+Leading verb: the first word of the instruction, lower-cased (a cheap stand-in for the paper's
+parser-based verb; "What/How/Which" show up as questions). ROUGE-L against the seeds: for each
+accepted instruction, its highest ROUGE-L F1 against any seed instruction (the paper's Figure 3).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from selfinstruct.dedup import RougePool
+from selfinstruct.errors import UserError
+
+ROUGE_BINS = [round(0.05 * i, 2) for i in range(20)]  # lower edges; the last bin is [0.95, 1.0]
+LENGTH_BINS = [0, 5, 10, 15, 20, 30, 40, 60, 80, 100, 150, 200, 300, 500]
+
+
+def leading_word(text: str) -> str:
+    m = re.match(r"[^A-Za-z]*([A-Za-z]+)", text)
+    return m.group(1).lower() if m else ""
+
+
+def _histogram(values: list[float], lower_edges: list[float], top: float) -> dict[str, Any]:
+    counts, _ = np.histogram(values, bins=[*lower_edges, top])
+    return {"bins": lower_edges, "counts": counts.tolist()}
+
+
+def _summary(values: list[int]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "mean": round(statistics.fmean(values), 2), "median": statistics.median(values),
+            "max": max(values), "histogram": _histogram(values, LENGTH_BINS, 10**9)}
+
+
+def diversity(records: list[dict[str, Any]], seed_instructions: list[str], top: int = 20) -> dict[str, Any]:
+    instructions = list(dict.fromkeys(r["instruction"] for r in records))  # unique, in order
+    pool = RougePool()
+    for s in seed_instructions:
+        pool.add(s)
+    rouge = [pool.best(i)[0] for i in instructions] if seed_instructions else []
+    return {
+        "leading_verbs": Counter(leading_word(i) for i in instructions).most_common(top),
+        "lengths_words": {
+            "instruction": _summary([len(i.split()) for i in instructions]),
+            "input": _summary([len(r["input"].split()) for r in records if r["input"].strip()]),
+            "output": _summary([len(r["output"].split()) for r in records]),
+        },
+        "inputs_empty_fraction": round(sum(not r["input"].strip() for r in records) / len(records), 4)
+        if records else 0.0,
+        "rouge_vs_seeds": {"n": len(rouge), "mean": round(statistics.fmean(rouge), 4) if rouge else None,
+                           "histogram": _histogram(rouge, ROUGE_BINS, 1.0000001) if rouge else None},
+    }
+
+
+def plot_diversity(d: dict[str, Any], out: Path) -> list[Path]:
+    """Three PNGs; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 5))
+    verbs = d["leading_verbs"][::-1]
+    ax.barh([v for v, _ in verbs], [n for _, n in verbs], color="#4C72B0")
+    ax.set_title("Most frequent leading words of accepted instructions")
+    ax.set_xlabel("instructions")
+    paths.append(_save(fig, out / "leading_verbs.png"))
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    for ax, (name, s) in zip(axes, d["lengths_words"].items(), strict=True):
+        if s["n"]:
+            h = s["histogram"]
+            ax.bar(range(len(h["counts"])), h["counts"], color="#55A868")
+            ax.set_xticks(range(len(h["counts"])), [str(b) for b in h["bins"]], rotation=60, fontsize=7)
+        ax.set_title(f"{name} length (words), n={s['n']}")
+    paths.append(_save(fig, out / "lengths.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    h = d["rouge_vs_seeds"]["histogram"]
+    if h:
+        ax.bar(h["bins"], h["counts"], width=0.045, align="edge", color="#C44E52")
+    ax.set_title("Highest ROUGE-L of each accepted instruction against the seeds")
+    ax.set_xlabel("ROUGE-L F1")
+    ax.set_ylabel("instructions")
+    paths.append(_save(fig, out / "rouge_vs_seeds.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def show_stats(run: str | Path) -> dict[str, Any]:
+    """Print a run's stats.json as tables (selfinstruct stats RUN)."""
+    path = Path(run) / "stats.json"
+    if not path.exists():
+        raise UserError("no stats.json here: not a finished generate run", run)
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"stats.json is not valid JSON: {e.msg}", path, e.lineno) from None
+    console = Console()
+    t = Table(title=f"{run}: {stats.get('method')} with {stats.get('teacher')}")
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    t.add_row("accepted instructions", f"{stats['accepted_instructions']} / {stats['target_instructions']}")
+    t.add_row("accepted records", str(stats["accepted_records"]))
+    t.add_row("candidates", str(stats.get("counts", {}).get("candidates", 0)))
+    for stage, n in stats.get("requests", {}).items():
+        t.add_row(f"teacher requests: {stage}", str(n))
+    for reason, n in stats.get("rejected", {}).items():
+        t.add_row(f"rejected: {reason}", str(n))
+    console.print(t)
+    d = stats.get("diversity")
+    if not d:
+        return stats
+    v = Table(title="leading words")
+    v.add_column("word")
+    v.add_column("instructions", justify="right")
+    for word, n in d["leading_verbs"]:
+        v.add_row(word, str(n))
+    console.print(v)
+    lengths = Table(title="lengths (words)")
+    for col in ("field", "n", "mean", "median", "max"):
+        lengths.add_column(col, justify="right" if col != "field" else "left")
+    for name, s in d["lengths_words"].items():
+        lengths.add_row(name, str(s["n"]), *(str(s.get(k, "-")) for k in ("mean", "median", "max")))
+    console.print(lengths)
+    h = d["rouge_vs_seeds"]["histogram"]
+    if h:
+        r = Table(title=f"ROUGE-L against the seeds (mean {d['rouge_vs_seeds']['mean']})")
+        r.add_column("bin")
+        r.add_column("instructions", justify="right")
+        r.add_column("")
+        peak = max(h["counts"]) or 1
+        for lo, n in zip(h["bins"], h["counts"], strict=True):
+            r.add_row(f"{lo:.2f}-{lo + 0.05:.2f}", str(n), "█" * round(30 * n / peak))
+        console.print(r)
+    return stats
