@@ -151,6 +151,8 @@ class GenerateConfig:
     max_stalled_requests: int = opt(64, "Give up after this many teacher requests in a row that yield no "
                                     "accepted instruction (a broken teacher ends, it does not loop).")
     test_size: float = opt(0.1, "Fraction of records in the dataset's test split.")
+    dedup_against: list[str] = opt([], "More data files or run directories whose instructions join the ROUGE-L "
+                                   "pool (e.g. earlier rounds), so nothing near them is accepted again.")
     instruction_sampling: Sampling = opt(
         Sampling(temperature=0.7, top_p=0.5, max_tokens=1024, presence_penalty=2.0,
                  stop=["\n\n", "\n16", "16.", "16 ."]),

@@ -165,3 +165,23 @@ def test_generate_alpaca_and_stats(alpaca_teacher_dir, fast_config, tmp_path):
     assert set(stats["requests"]) == {"tasks"}
     r = cli("stats", run)
     assert r.returncode == 0 and "accepted instructions" in r.stdout and "ROUGE-L against the seeds" in r.stdout
+
+
+def test_dedup_against_earlier_runs(teacher_dir, fast_config, tmp_path):
+    """Instructions of an earlier run join the pool: a second run accepts nothing near them. Both runs
+    use the same seed, so the second one's first step proposes the first run's instructions again."""
+    first, second = tmp_path / "r1", tmp_path / "r2"
+    base = ["generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--num-instructions", 3]
+    assert cli(*base, "--config", fast_config, "--out", first).returncode == 0
+    cfg = tmp_path / "more.yaml"
+    cfg.write_text(fast_config.read_text().replace("generate:\n", f"generate:\n  dedup_against: ['{first}']\n"))
+    r = cli(*base, "--config", cfg, "--out", second)
+    assert r.returncode == 0, r.stderr
+    from selfinstruct.dedup import rouge_l
+
+    old = {r["instruction"] for r in read_jsonl(first / "generated.jsonl")}
+    new = {r["instruction"] for r in read_jsonl(second / "generated.jsonl")}
+    assert all(rouge_l(a, b) < 0.7 for a in new for b in old)
+    near_old = [r for r in read_jsonl(second / "rejected.jsonl")
+                if r["reason"] == "rouge_similar" and r["nearest"] in old]
+    assert near_old, "no candidate was rejected for being near an earlier run's instruction"

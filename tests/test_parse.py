@@ -1,4 +1,10 @@
-from selfinstruct.generate.parse import normalise_instruction, parse_instances, parse_instructions, parse_yes_no
+from selfinstruct.generate.parse import (
+    normalise_instruction,
+    parse_alpaca,
+    parse_instances,
+    parse_instructions,
+    parse_yes_no,
+)
 from selfinstruct.seeds import Instance
 
 
@@ -63,3 +69,25 @@ def test_output_first_instances():
 
 def test_normalise():
     assert normalise_instruction("  tell me\n a joke ") == "Tell me a joke"
+
+
+def test_alpaca_continuation_restart_and_noinput():
+    text = (" Give three tips for staying healthy.\n4. Input:\n<noinput>\n4. Output:\nEat well.\n###\n"
+            "5. Instruction: Translate to French.\n5. Input:\nHello\n5. Output:\nBonjour")
+    tasks, dropped = parse_alpaca(text, first=4, truncated=False)
+    assert tasks == [("Give three tips for staying healthy.", Instance("", "Eat well.")),
+                     ("Translate to French.", Instance("Hello", "Bonjour"))]
+    assert dropped == []
+    restarted, _ = parse_alpaca("4. Instruction: Name a color.\n4. Input:\n<noinput>\n4. Output:\nRed",
+                                first=4, truncated=False)
+    assert restarted == [("Name a color.", Instance("", "Red"))]
+
+
+def test_alpaca_skipped_number_malformed_and_truncated():
+    text = ("Sort these.\n4. Input: 3, 1\n4. Output: 1, 3\n###\n7. Instruction: Skipped numbers are fine.\n"
+            "7. Input:\n<noinput>\n7. Output:\nYes.\n###\n8. Instruction: No fields follow\n###\n"
+            "9. Instruction: Cut off\n9. Inp")
+    tasks, dropped = parse_alpaca(text, first=4, truncated=True)
+    assert [t for t, _ in tasks] == ["Sort these.", "Skipped numbers are fine."]
+    assert dropped == [("9. Instruction: Cut off\n9. Inp", "truncated"),
+                       ("8. Instruction: No fields follow", "malformed_task")]

@@ -77,3 +77,13 @@ def test_openai_backend_against_transformers_serve(teacher_dir, tmp_path):
     # the server really answered: 1 + 1 (n fallback) + 1 chat requests, 1 completions request
     assert log.count('"POST /v1/chat/completions HTTP/1.1" 200') == 3
     assert log.count('"POST /v1/completions HTTP/1.1" 200') == 1
+
+
+def test_completion_format_sends_the_plain_prompt(teacher_dir):
+    chat = HFTeacher(TeacherConfig(model=str(teacher_dir)))
+    plain = HFTeacher(TeacherConfig(model=str(teacher_dir), prompt_format="completion"))
+    assert chat.chat and not plain.chat
+    assert plain._encode(PROMPT) == PROMPT
+    assert chat._encode(PROMPT).startswith("<|im_start|>user\n" + PROMPT)
+    out = plain.generate([Request(PROMPT, Sampling(temperature=0, max_tokens=4))])
+    assert out[0][0].finish_reason in ("stop", "length")

@@ -26,7 +26,7 @@ from selfinstruct.config import Config, dump_yaml
 from selfinstruct.dedup import RougePool
 from selfinstruct.errors import UserError
 from selfinstruct.filters import check_instruction
-from selfinstruct.records import JsonlAppender, Record, read_jsonl, write_atomic, write_json
+from selfinstruct.records import JsonlAppender, Record, read_jsonl, read_rows, write_atomic, write_json
 from selfinstruct.seeds import SeedTask, load_tasks
 from selfinstruct.teacher import Teacher, make_teacher
 
@@ -128,6 +128,8 @@ def _restore(run: Run) -> None:
     """Rebuild the in-memory state of an interrupted run from its files."""
     for s in run.seeds:
         run.pool.add(s.instruction)
+    for text in pool_texts(run.cfg.generate.dedup_against):
+        run.pool.add(text)
     state_path = run.dir / "state.json"
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
     # Rows appended after the last checkpoint belong to a step that did not finish: cut them, the
@@ -153,6 +155,17 @@ def _restore(run: Run) -> None:
             run.pool.add(rej["instruction"])
 
 
+def pool_texts(paths: list[str]) -> list[str]:
+    """Instructions of other data (files, or run directories' generated.jsonl) for the ROUGE-L pool."""
+    from selfinstruct.dedup_cli import record_text
+
+    texts = []
+    for p in map(Path, paths):
+        src = p / "generated.jsonl" if p.is_dir() and (p / "generated.jsonl").exists() else p
+        texts += [record_text(row, f, line) for f, line, row in read_rows(src)]
+    return texts
+
+
 def run_generate(cfg: Config) -> Path:
     """Generate until `num_instructions` are accepted (or the teacher stalls); write stats and dataset."""
     from selfinstruct.generate import alpaca, self_instruct
@@ -161,6 +174,7 @@ def run_generate(cfg: Config) -> Path:
     gcfg = cfg.generate
     # Everything that can fail on bad input fails before anything is written.
     seeds = load_tasks(gcfg.seeds)
+    pool_texts(gcfg.dedup_against)  # read now, so a bad file fails before anything is written
     out = Path(gcfg.out) if gcfg.out else default_run_dir(gcfg.method)
     check_run_dir(out, gcfg.resume)
     teacher = make_teacher(cfg.teacher)
