@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--base-url", dest="teacher.base_urls", action="append", default=None, metavar="URL",
                    help=field_help("teacher.base_urls") + " Repeat for several servers.")
     _flag(g, "--prompt-format", "teacher.prompt_format", choices=["auto", "chat", "completion"])
+    g.add_argument("--launch", dest="teacher.launch", action="store_true", default=None,
+                   help=field_help("teacher.launch"))
+    g.add_argument("--no-cache", dest="no_cache", action="store_true",
+                   help="Neither read nor write the response cache (teacher.cache).")
     _flag(g, "--num-instructions", "generate.num_instructions", type=int, metavar="N")
     _flag(g, "--out", "generate.out", metavar="DIR")
     _flag(g, "--seed", "generate.seed", type=int, metavar="S")
@@ -79,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace, resume_dir: str | None) -> Config:
     overrides = {k: v for k, v in vars(args).items() if "." in k and v is not None}
+    if getattr(args, "no_cache", False):
+        overrides["teacher.cache"] = None
     path = args.config
     if path is None and resume_dir and (Path(resume_dir) / "config.yaml").exists():
         path = str(Path(resume_dir) / "config.yaml")  # a resumed run keeps the settings it started with

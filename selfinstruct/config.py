@@ -80,8 +80,8 @@ class Sampling:
 @dataclass
 class TeacherConfig:
     model: str = opt(DEFAULT_TEACHER, "Teacher model: a hub id or a local path (served name for `openai`).")
-    backend: str = opt("auto", "Where the teacher runs. `auto`: openai when base_urls are given, else "
-                       "transformers (in-process).",
+    backend: str = opt("auto", "Where the teacher runs. `auto`: openai when base_urls are given, else vllm "
+                       "when it imports and a GPU is present, else transformers (in-process).",
                        ("auto", "vllm", "openai", "transformers"))
     base_urls: list[str] = opt([], "OpenAI-compatible server URLs (e.g. http://127.0.0.1:8000/v1).")
     api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the API key (never written out).")
@@ -96,9 +96,27 @@ class TeacherConfig:
     dtype: str = opt("auto", "transformers backend: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
                      "float16.", ("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code.")
+    cache: str | None = opt("auto", "SQLite response cache shared by runs; `auto`: $XDG_CACHE_HOME (or ~/.cache)"
+                            "/selfinstruct/responses.sqlite; null or --no-cache: off. A re-run or resumed "
+                            "run sends no request it already has an answer for.")
+    dead_after: int = opt(3, "openai backend: failures in a row that take an endpoint out of rotation.")
+    dead_cooldown: float = opt(30.0, "openai backend: seconds an endpoint stays out before it is tried again.")
+    launch: bool = opt(False, "Start the server yourself (launch_command), wait for /health, use it, stop it.")
+    launch_command: list[str] = opt(["vllm", "serve", "{model}", "--host", "127.0.0.1", "--port", "{port}"],
+                                    "Command for launch; {model} and {port} are filled in.")
+    launch_timeout: float = opt(900.0, "Seconds to wait for a launched server's /health.")
+    tensor_parallel_size: int = opt(1, "vllm backend: GPUs per model replica.")
+    gpu_memory_utilization: float = opt(0.9, "vllm backend: fraction of GPU memory the engine may take.")
+    max_model_len: int | None = opt(None, "vllm backend: context length (default: the model's).")
+    lora_path: str | None = opt(None, "vllm backend: generate with this LoRA adapter (a student) on the model.")
+    max_lora_rank: int = opt(16, "vllm backend: largest LoRA rank the engine accepts.")
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.dead_after >= 1, "dead_after", "must be >= 1")
+        _require(self.dead_cooldown >= 0, "dead_cooldown", "must be >= 0")
+        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         _require(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
         _require(self.request_timeout > 0, "request_timeout", "must be > 0")
         _require(self.max_retries >= 0, "max_retries", "must be >= 0")

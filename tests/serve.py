@@ -19,6 +19,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SERVERS: dict[str, subprocess.Popen] = {}  # base URL -> the process serving it (to kill it in tests)
+
+
+def answers(base_url: str) -> bool:
+    try:
+        return httpx.get(base_url.removesuffix("/v1") + "/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @contextlib.contextmanager
 def transformers_serve(model: Path, log: Path, timeout: float = 120) -> Iterator[str]:
     """Yields the base URL (http://127.0.0.1:PORT/v1); the server is killed on exit."""
@@ -40,10 +50,72 @@ def transformers_serve(model: Path, log: Path, timeout: float = 120) -> Iterator
             if time.monotonic() > deadline:
                 raise RuntimeError(f"transformers serve did not come up:\n{log.read_text()[-3000:]}")
             time.sleep(0.3)
-        yield f"http://127.0.0.1:{port}/v1"
+        url = f"http://127.0.0.1:{port}/v1"
+        SERVERS[url] = proc
+        yield url
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+class FaultyProxy:
+    """A local HTTP proxy in front of a real server that misbehaves for some requests, by count:
+    every `every_429`-th answers 429 (Retry-After: 0.2), every `every_500`-th 500, every
+    `every_hang`-th hangs for `hang_s` seconds. Runs uvicorn in a thread on 127.0.0.1."""
+
+    def __init__(self, upstream: str, every_429: int = 4, every_500: int = 5, every_hang: int = 7,
+                 hang_s: float = 5.0):
+        import asyncio
+        import threading
+
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        self.upstream = upstream.rstrip("/")
+        self.seen = 0
+        self.faults = {"429": 0, "500": 0, "hang": 0, "forwarded": 0}
+
+        async def handle(request: Request) -> Response:
+            self.seen += 1
+            n = self.seen
+            if n % every_429 == 0:
+                self.faults["429"] += 1
+                return Response("slow down", status_code=429, headers={"Retry-After": "0.2"})
+            if n % every_500 == 0:
+                self.faults["500"] += 1
+                return Response("boom", status_code=500)
+            if n % every_hang == 0:
+                self.faults["hang"] += 1
+                await asyncio.sleep(hang_s)
+                return Response("late", status_code=504)
+            self.faults["forwarded"] += 1
+            async with httpx.AsyncClient(timeout=120) as client:
+                r = await client.post(self.upstream + request.url.path.removeprefix("/v1"),
+                                      content=await request.body(), headers={"content-type": "application/json"})
+            return Response(r.content, status_code=r.status_code, media_type="application/json")
+
+        app = Starlette(routes=[Route("/v1/{path:path}", handle, methods=["POST"])])
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> FaultyProxy:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"

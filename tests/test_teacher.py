@@ -7,6 +7,7 @@ from selfinstruct.errors import TeacherError, UserError
 from selfinstruct.prompts import render
 from selfinstruct.teacher import Request, make_teacher
 from selfinstruct.teacher.base import cut_at_stop
+from selfinstruct.teacher.cache import CachedTeacher
 from selfinstruct.teacher.hf import HFTeacher, _Penalties
 from selfinstruct.teacher.openai import OpenAITeacher, normalise_url
 
@@ -37,10 +38,14 @@ def test_hf_teacher_n_seed_and_stop(teacher_dir):
     assert [c.text for c in again[0]] == [c.text for c in first[0]]  # same seeds, same text
 
 
-def test_auto_backend_choice(teacher_dir):
-    assert isinstance(make_teacher(TeacherConfig(model=str(teacher_dir))), HFTeacher)
-    t = make_teacher(TeacherConfig(model="m", base_urls=["http://127.0.0.1:9"]))
+def test_auto_backend_choice(teacher_dir, tmp_path):
+    assert isinstance(make_teacher(TeacherConfig(model=str(teacher_dir), cache=None)), HFTeacher)
+    t = make_teacher(TeacherConfig(model="m", base_urls=["http://127.0.0.1:9"], cache=None))
     assert isinstance(t, OpenAITeacher) and t.urls == ["http://127.0.0.1:9/v1"]
+    t.close()
+    cached = make_teacher(TeacherConfig(model=str(teacher_dir)))
+    assert isinstance(cached, CachedTeacher) and isinstance(cached.inner, HFTeacher)
+    assert cached.cache.path == tmp_path / "xdg-cache" / "selfinstruct" / "responses.sqlite"
     assert normalise_url("https://api.example.com/openai/v1/") == "https://api.example.com/openai/v1"
 
 
@@ -60,7 +65,7 @@ def test_unreachable_server_is_a_clear_error():
 @pytest.mark.slow
 def test_openai_backend_against_transformers_serve(teacher_dir, tmp_path):
     with transformers_serve(teacher_dir, tmp_path / "serve.log") as url:
-        cfg = TeacherConfig(backend="openai", model=str(teacher_dir), base_urls=[url])
+        cfg = TeacherConfig(backend="openai", model=str(teacher_dir), base_urls=[url], cache=None)
         teacher = make_teacher(cfg)
         s = Sampling(temperature=1.0, max_tokens=30, n=2, seed=3)
         outs = teacher.generate([Request(PROMPT, s), Request(PROMPT, Sampling(temperature=0, max_tokens=8))])

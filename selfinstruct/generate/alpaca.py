@@ -24,10 +24,10 @@ from selfinstruct.teacher import Request
 T_ALPACA = "alpaca/prompt.jinja"
 
 
-def step(run: Run) -> None:
+def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[str]]]:
+    """Step `step_no`'s requests (3 seed demos each) and their demos' ids; seeded per step."""
     cfg, acfg = run.cfg.generate, run.cfg.generate.alpaca
-    rng = random.Random(f"{cfg.seed}-{run.step}")
-    run.step += 1
+    rng = random.Random(f"{cfg.seed}-{step_no}")
     n_demos = min(acfg.num_prompt_instructions, len(run.seeds))
     stop = list(acfg.sampling.stop) + [f"\n{acfg.num_tasks}", f"{acfg.num_tasks}."]
     requests, parents = [], []
@@ -38,7 +38,19 @@ def step(run: Run) -> None:
         requests.append(Request(render(T_ALPACA, num_tasks=acfg.num_tasks, demos=demos),
                                 seeded(acfg.sampling, rng, stop=stop)))
         parents.append([t.id for t in tasks])
-    outs = run.teacher.generate(requests)
+    return requests, parents
+
+
+def step(run: Run) -> None:
+    acfg = run.cfg.generate.alpaca
+    n_demos = min(acfg.num_prompt_instructions, len(run.seeds))
+    requests, parents = task_requests(run, run.step)
+    # Steps are independent: the next one's requests go out while this one's are answered. At the
+    # end of a run that is at most one batch unused (counted as prefetched_unused, kept in the cache).
+    run.prefetch(run.step, requests)
+    run.prefetch(run.step + 1, task_requests(run, run.step + 1)[0])
+    outs = run.fetch(run.step, requests)
+    run.step += 1
     run.counts["requests/tasks"] += len(requests)
 
     records: list[Record] = []

@@ -10,9 +10,13 @@ Layout of a run directory:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +32,8 @@ from selfinstruct.errors import UserError
 from selfinstruct.filters import check_instruction
 from selfinstruct.records import JsonlAppender, Record, read_jsonl, read_rows, write_atomic, write_json
 from selfinstruct.seeds import SeedTask, load_tasks
-from selfinstruct.teacher import Teacher, make_teacher
+from selfinstruct.teacher import Completion, Request, Teacher, make_teacher
+from selfinstruct.teacher.launch import launched_server
 
 console = Console(stderr=True)
 OUTPUT_FILES = ("generated.jsonl", "rejected.jsonl")
@@ -47,11 +52,13 @@ class Run:
     counts: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
     step: int = 0
+    demo_pool_size: int = 0  # machine instructions the next step's prompts may show (see self_instruct)
     stalled_requests: int = 0
     n_records: int = 0
     round: int = 1
     _accepted: JsonlAppender | None = None
     _rejected: JsonlAppender | None = None
+    _prefetched: dict[int, tuple[list[Request], Future]] = field(default_factory=dict)
 
     def open(self) -> None:
         self._accepted = JsonlAppender(self.dir / "generated.jsonl")
@@ -61,6 +68,26 @@ class Run:
         for f in (self._accepted, self._rejected):
             if f is not None:
                 f.close()
+        for requests, future in self._prefetched.values():  # the run ended first; answers stay cached
+            self.counts["prefetched_unused"] += len(requests)
+            with contextlib.suppress(Exception):
+                future.result()
+        self._prefetched.clear()
+
+    def prefetch(self, step: int, requests: list[Request]) -> None:
+        """Send step `step`'s requests now, where the teacher serves concurrent calls, so it never
+        idles while the current step filters and writes."""
+        if getattr(self.teacher, "concurrent", False) and step not in self._prefetched:
+            self._prefetched[step] = (requests, self.teacher.submit(requests))
+
+    def fetch(self, step: int, requests: list[Request]) -> list[list[Completion]]:
+        """The answers to `requests`: from a prefetch if it asked exactly these, else from the teacher."""
+        sent = self._prefetched.pop(step, None)
+        if sent is not None and sent[0] == requests:
+            return sent[1].result()
+        if sent is not None:
+            self.counts["prefetched_unused"] += len(sent[0])
+        return self.teacher.generate(requests)
 
     def next_id(self) -> str:
         self.n_records += 1
@@ -79,6 +106,7 @@ class Run:
         """After a step's appends are fsynced: the step, counters and file sizes that belong together."""
         write_json(self.dir / "state.json", {
             "step": self.step, "stalled_requests": self.stalled_requests, "n_records": self.n_records,
+            "demo_pool_size": self.demo_pool_size,
             "counts": dict(self.counts), "reasons": dict(self.reasons),
             "sizes": {name: (self.dir / name).stat().st_size for name in OUTPUT_FILES}})
 
@@ -143,6 +171,7 @@ def _restore(run: Run) -> None:
     if state is None:
         return
     run.step, run.stalled_requests = state["step"], state["stalled_requests"]
+    run.demo_pool_size = state["demo_pool_size"]
     run.counts, run.reasons = Counter(state["counts"]), Counter(state["reasons"])
     records = read_jsonl(run.dir / "generated.jsonl")
     run.n_records = len(records)
@@ -177,11 +206,21 @@ def run_generate(cfg: Config) -> Path:
     pool_texts(gcfg.dedup_against)  # read now, so a bad file fails before anything is written
     out = Path(gcfg.out) if gcfg.out else default_run_dir(gcfg.method)
     check_run_dir(out, gcfg.resume)
-    teacher = make_teacher(cfg.teacher)
-    make_run_dir(out)
-    cfg.generate.out = str(out)
-    write_atomic(out / "config.yaml", dump_yaml(cfg))
-    run = Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds)
+    with contextlib.ExitStack() as stack:
+        if cfg.teacher.launch:  # the server's log belongs to the run, so the directory comes first
+            make_run_dir(out)
+            url = stack.enter_context(launched_server(cfg.teacher, out / "teacher-server.log"))
+            cfg.teacher = dataclasses.replace(cfg.teacher, backend="openai", base_urls=[url])
+        teacher = make_teacher(cfg.teacher)
+        stack.callback(teacher.close)
+        make_run_dir(out)
+        cfg.generate.out = str(out)
+        write_atomic(out / "config.yaml", dump_yaml(cfg))
+        return _generate(Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds), step)
+
+
+def _generate(run: Run, step: Callable[[Run], None]) -> Path:
+    gcfg = run.cfg.generate
     _restore(run)
     run.open()
     started = time.monotonic()
@@ -201,12 +240,11 @@ def run_generate(cfg: Config) -> Path:
                            info=f"{run.n_records} records · {sum(run.reasons.values())} rejected")
     finally:
         run.close()
-        teacher.close()
     stats = finish(run, stopped, time.monotonic() - started)
     print_summary(stats)
     if stopped == "stalled":
         raise StalledError(run, stats)
-    return out
+    return run.dir
 
 
 class StalledError(Exception):
@@ -239,6 +277,7 @@ def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
         "counts": {k: v for k, v in run.counts.items() if not k.startswith("requests/")},
         "rejected": dict(run.reasons.most_common()),
         "rejected_total": sum(run.reasons.values()),
+        "teacher_calls": getattr(run.teacher, "stats", {}),
         "steps": run.step,
         "elapsed_s": round(elapsed, 2),
     }

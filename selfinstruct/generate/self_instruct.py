@@ -2,7 +2,9 @@
 
     step(run)   # called by loop.run_generate until the target is reached
 
-A step: `request_batch_size` prompts of 8 demo instructions (6 human + 2 machine, seeded draw)
+A step: `request_batch_size` prompts of 8 demo instructions (6 human + 2 machine, seeded draw;
+the machine demos come from instructions accepted before the previous step finished, so the next
+step's prompts can be sent while this one generates instances)
 -> the teacher continues each numbered list -> parse -> filters -> ROUGE-L against the pool
 -> "is it classification?" -> instances, output-first for classification, input-first otherwise
 -> instance clean-up -> records. Every dropped item is written to rejected.jsonl with its reason.
@@ -46,21 +48,30 @@ def seeded(s: Sampling, rng: random.Random, **changes: object) -> Sampling:
     return dataclasses.replace(s, seed=rng.getrandbits(31), **changes)
 
 
-def step(run: Run) -> None:
+def instruction_requests(run: Run, step_no: int) -> tuple[random.Random, list[Request], list[list[str]]]:
+    """Step `step_no`'s instruction-generation requests and their demos' ids, and the step's RNG
+    (one stream per step: a resumed or prefetching run draws exactly the same)."""
     cfg = run.cfg.generate
-    rng = random.Random(f"{cfg.seed}-{run.step}")  # one stream per step: a resumed run draws the same
-    run.step += 1
-    rejected: list[dict] = []
-
-    # 1. New instructions from numbered lists of demos.
+    rng = random.Random(f"{cfg.seed}-{step_no}")
     human = [(s.instruction, s.id) for s in run.seeds]
+    machine = run.machine[: run.demo_pool_size]
     requests, parents = [], []
     for _ in range(cfg.request_batch_size):
-        demos = sample_demos(rng, human, run.machine, cfg.num_prompt_instructions, cfg.num_machine_demos)
+        demos = sample_demos(rng, human, machine, cfg.num_prompt_instructions, cfg.num_machine_demos)
         prompt = render(T_INSTRUCTIONS, instructions=[demo_text(t) for t, _ in demos])
         requests.append(Request(prompt, seeded(cfg.instruction_sampling, rng)))
         parents.append([i for _, i in demos])
-    outs = run.teacher.generate(requests)
+    return rng, requests, parents
+
+
+def step(run: Run) -> None:
+    cfg = run.cfg.generate
+    rejected: list[dict] = []
+
+    # 1. New instructions from numbered lists of demos.
+    rng, requests, parents = instruction_requests(run, run.step)
+    outs = run.fetch(run.step, requests)
+    run.step += 1
     run.counts["requests/instructions"] += len(requests)
 
     # 2. Parse, filter, and drop near-duplicates of the pool (which grows as we accept).
@@ -76,6 +87,12 @@ def step(run: Run) -> None:
                     fresh.append((item, par, extra["rouge_max"]))
                 else:
                     rejected.append({"stage": "instruction", "reason": reason, "instruction": item, **extra})
+
+    # The next step's prompts may show the machine instructions accepted so far; build them now and,
+    # where the teacher serves concurrent calls, send them while this step finishes.
+    run.demo_pool_size = len(run.machine)
+    if run.accepted_instructions + len(fresh) < cfg.num_instructions:
+        run.prefetch(run.step, instruction_requests(run, run.step)[1])
 
     # 3. Classification or not (decides output-first vs input-first instance generation).
     answers = run.teacher.generate(

@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from selfinstruct.config import Sampling, TeacherConfig
-from selfinstruct.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class Request:
 
     prompt: str
     sampling: Sampling
+    json_schema: dict | None = None  # ask for JSON of this schema where the backend can enforce it
 
 
 @dataclass(frozen=True)
@@ -44,18 +47,40 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 
 
 def make_teacher(cfg: TeacherConfig) -> Teacher:
-    # `auto` will pick the in-process vllm engine once that backend exists; until then vllm users
-    # point the openai backend at `vllm serve`.
+    """The configured backend, behind the response cache unless `cfg.cache` is None."""
     backend = cfg.backend
     if backend == "auto":
-        backend = "openai" if cfg.base_urls else "transformers"
+        backend = "openai" if cfg.base_urls else ("vllm" if vllm_usable() else "transformers")
     if backend == "openai":
         from selfinstruct.teacher.openai import OpenAITeacher
 
-        return OpenAITeacher(cfg)
-    if backend == "transformers":
+        teacher: Teacher = OpenAITeacher(cfg)
+    elif backend == "vllm":
+        from selfinstruct.teacher.vllm import VLLMTeacher
+
+        teacher = VLLMTeacher(cfg)
+    else:
         from selfinstruct.teacher.hf import HFTeacher
 
-        return HFTeacher(cfg)
-    raise UserError("the in-process vllm backend is not in this version yet: serve the teacher with "
-                    "`vllm serve MODEL` and pass --backend openai --base-url http://127.0.0.1:8000/v1")
+        teacher = HFTeacher(cfg)
+    if cfg.cache is None:
+        return teacher
+    from selfinstruct.teacher.cache import CachedTeacher, ResponseCache
+
+    return CachedTeacher(teacher, ResponseCache(cache_path(cfg.cache)))
+
+
+def cache_path(setting: str) -> Path:
+    """`auto` is $XDG_CACHE_HOME/selfinstruct/responses.sqlite (~/.cache when unset); else the path given."""
+    if setting != "auto":
+        return Path(setting).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfinstruct" / "responses.sqlite"
+
+
+def vllm_usable() -> bool:
+    """vllm imports (it is installed) and a CUDA GPU is present."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()

@@ -2,20 +2,34 @@
 
     teacher = OpenAITeacher(TeacherConfig(backend="openai", model="m", base_urls=["http://127.0.0.1:8000/v1"]))
 
-Requests go out concurrently (at most `max_concurrency` in flight), spread round-robin over the
-base URLs, with retries on connection errors, timeouts, 429 and 5xx. A server that ignores `n`
-(transformers serve does) gets the missing samples as separate requests with shifted seeds.
-The API key is read from the environment variable named in the config and sent only as a header.
+- One asyncio loop in a background thread runs every request, so `max_concurrency` bounds what is
+  in flight across all callers (a step and the next step's prefetch), over one connection pool.
+- Requests are spread round-robin over the base URLs. An endpoint that fails `dead_after` times in a
+  row (connection error, timeout, 5xx) leaves the rotation for `dead_cooldown` seconds, then is
+  tried again; requests go to the others meanwhile.
+- Retries with exponential backoff and jitter on connection errors, timeouts, 408/429/5xx; a
+  Retry-After header (seconds or an HTTP date) is honoured. Every retry and failure is counted in
+  `stats`; a request that fails `max_retries + 1` times ends the call with TeacherError.
+- Per-server fallbacks: a server that ignores `n` (transformers serve) gets the missing samples as
+  separate requests with shifted seeds; one that rejects `response_format` gets the request again
+  without it.
+- The API key is read from the environment variable named in the config and sent only as a header.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from email.utils import parsedate_to_datetime
 from urllib.parse import urlparse
 
-import httpx
+import aiohttp
 
 from selfinstruct.config import TeacherConfig
 from selfinstruct.errors import TeacherError, UserError
@@ -30,45 +44,113 @@ def normalise_url(url: str) -> str:
     return url + "/v1" if urlparse(url).path in ("", "/") else url
 
 
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), None if absent/invalid."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+class Endpoint:
+    def __init__(self, url: str):
+        self.url = url
+        self.failures = 0  # in a row
+        self.dead_until = 0.0
+        self.ignores_n = False
+        self.rejects_response_format = False
+
+
 class OpenAITeacher:
+    concurrent = True
+
     def __init__(self, cfg: TeacherConfig):
         if not cfg.base_urls:
             raise UserError("the openai backend needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)")
         self.cfg = cfg
         self.name = cfg.model
-        self.urls = [normalise_url(u) for u in cfg.base_urls]
+        self.endpoints = [Endpoint(normalise_url(u)) for u in cfg.base_urls]
         self.chat = cfg.prompt_format != "completion"
-        self.ignores_n: set[str] = set()  # servers seen returning fewer choices than asked
+        self.counts: Counter = Counter()
         key = os.environ.get(cfg.api_key_env)
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._next = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="teacher-http", daemon=True)
+        self._thread.start()
+        self._session: aiohttp.ClientSession | None = None
+        self._sem: asyncio.Semaphore | None = None
 
-    def close(self) -> None:
-        pass
+    @property
+    def urls(self) -> list[str]:
+        return [e.url for e in self.endpoints]
+
+    @property
+    def ignores_n(self) -> set[str]:
+        return {e.url for e in self.endpoints if e.ignores_n}
+
+    @property
+    def stats(self) -> dict:
+        return dict(self.counts)
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
-        return asyncio.run(self._generate(requests))
+        return self.submit(requests).result()
+
+    def submit(self, requests: list[Request]) -> Future:
+        return asyncio.run_coroutine_threadsafe(self._generate(requests), self._loop)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        if self._session is not None:
+            asyncio.run_coroutine_threadsafe(self._session.close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     async def _generate(self, requests: list[Request]) -> list[list[Completion]]:
-        limits = httpx.Limits(max_connections=self.cfg.max_concurrency, max_keepalive_connections=None)
-        async with httpx.AsyncClient(timeout=self.cfg.request_timeout, limits=limits) as client:
-            sem = asyncio.Semaphore(self.cfg.max_concurrency)
-            return list(await asyncio.gather(*(self._one(client, sem, r) for r in requests)))
+        if self._session is None:  # created on the loop that uses it
+            # aiohttp rather than httpx: httpcore's pool rescans every connection for every queued
+            # request, which costs ~10 ms of CPU per request at 64 in flight (bench/teacher.py).
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout),
+                connector=aiohttp.TCPConnector(limit=self.cfg.max_concurrency, limit_per_host=0))
+            self._sem = asyncio.Semaphore(self.cfg.max_concurrency)
+        tasks = [asyncio.ensure_future(self._one(r)) for r in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            raise
 
-    async def _one(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, req: Request) -> list[Completion]:
-        url = self.urls[self._next % len(self.urls)]
-        self._next += 1
+    async def _one(self, req: Request) -> list[Completion]:
         n = req.sampling.n
-        out = await self._post(client, sem, url, req, n if url not in self.ignores_n else 1, 0)
-        while len(out) < n:
-            self.ignores_n.add(url)
-            more = await self._post(client, sem, url, req, 1, len(out))
+        out = await self._post(req, n, 0)
+        while len(out) < n:  # the server returned fewer choices than asked: it ignores `n`
+            more = await self._post(req, 1, len(out))
             if not more:
-                raise TeacherError(f"teacher server {url} answered with no choices")
+                raise TeacherError(f"teacher server answered with no choices for model '{self.name}'")
             out += more
         return out[:n]
 
-    def _body(self, req: Request, n: int, sample: int) -> dict:
+    def _pick(self) -> Endpoint | None:
+        now = time.monotonic()
+        alive = [e for e in self.endpoints if e.dead_until <= now]
+        if not alive:
+            return None
+        ep = alive[self._next % len(alive)]
+        self._next += 1
+        return ep
+
+    def _body(self, ep: Endpoint, req: Request, n: int, sample: int) -> dict:
         s = req.sampling
         body: dict = {"model": self.name, "max_tokens": s.max_tokens, "temperature": s.temperature,
                       "top_p": s.top_p}
@@ -79,7 +161,7 @@ class OpenAITeacher:
         # Only what differs from the defaults: some servers warn about or reject fields they lack.
         if s.stop:
             body["stop"] = list(s.stop)
-        if n > 1:
+        if n > 1 and not ep.ignores_n:
             body["n"] = n
         if s.seed is not None:
             body["seed"] = s.seed + sample
@@ -87,30 +169,77 @@ class OpenAITeacher:
             body["presence_penalty"] = s.presence_penalty
         if s.frequency_penalty:
             body["frequency_penalty"] = s.frequency_penalty
+        if req.json_schema is not None and not ep.rejects_response_format:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "output", "schema": req.json_schema}}
         return body
 
-    async def _post(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, url: str, req: Request,
-                    n: int, sample: int) -> list[Completion]:
-        endpoint = url + ("/chat/completions" if self.chat else "/completions")
-        body = self._body(req, n, sample)
-        problem = ""
+    async def _post(self, req: Request, n: int, sample: int) -> list[Completion]:
+        problem = "no attempt"
         for attempt in range(self.cfg.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+            ep = self._pick()
+            while ep is None:  # every endpoint is cooling down: wait for the first to come back
+                await asyncio.sleep(max(0.05, min(e.dead_until for e in self.endpoints) - time.monotonic()))
+                ep = self._pick()
+            endpoint = ep.url + ("/chat/completions" if self.chat else "/completions")
+            wait = None
             try:
-                async with sem:
-                    resp = await client.post(endpoint, json=body, headers=self._headers)
-            except httpx.TransportError as e:
-                problem = f"{type(e).__name__}: {e}"
-                continue
-            if resp.status_code in RETRY_STATUS:
-                problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                continue
-            if resp.status_code >= 400:
-                raise UserError(f"teacher server {endpoint} rejected the request with HTTP "
-                                f"{resp.status_code}: {resp.text[:300]}")
-            return self._parse(resp.json(), req)
-        raise TeacherError(f"teacher server {endpoint} failed {self.cfg.max_retries + 1} times; last: {problem}")
+                async with self._sem:
+                    self.counts["sent"] += 1
+                    async with self._session.post(endpoint, json=self._body(ep, req, n, sample),
+                                                  headers=self._headers) as resp:
+                        status, text, headers = resp.status, await resp.text(), resp.headers
+            except asyncio.TimeoutError as e:
+                problem = f"{endpoint}: timed out after {self.cfg.request_timeout} s ({type(e).__name__})"
+                self._failed(ep, "retried_timeout")
+            except aiohttp.ClientError as e:
+                problem = f"{endpoint}: ConnectError: {type(e).__name__}: {e}"
+                self._failed(ep, "retried_connection")
+            else:
+                if status == 429:  # alive but busy: back off, keep it in rotation
+                    problem = f"{endpoint}: HTTP 429"
+                    self.counts["retried_429"] += 1
+                    wait = retry_after(headers.get("retry-after"))
+                elif status in RETRY_STATUS:
+                    problem = f"{endpoint}: HTTP {status}: {text[:200]}"
+                    self._failed(ep, f"retried_{status}")
+                    wait = retry_after(headers.get("retry-after"))
+                elif status >= 400:
+                    rejected_format = "response_format" in text and req.json_schema is not None
+                    if rejected_format and not ep.rejects_response_format:
+                        ep.rejects_response_format = True  # try again without it; parsing copes with free text
+                        self.counts["fallback_response_format"] += 1
+                        continue
+                    self.counts["failed_4xx"] += 1
+                    raise UserError(f"teacher server {endpoint} rejected the request with HTTP {status}: {text[:300]}")
+                else:
+                    try:
+                        out = self._parse(json.loads(text), req)
+                    except (json.JSONDecodeError, AttributeError, TypeError):
+                        out = None
+                    if out is None:  # a 200 whose body is no completion: a misbehaving server, retried
+                        problem = f"{endpoint}: answered 200 with a body that is not a completion: {text[:200]}"
+                        self._failed(ep, "retried_bad_json")
+                    else:
+                        ep.failures = 0
+                        self.counts["ok"] += 1
+                        if 0 < len(out) < n:
+                            ep.ignores_n = True
+                        return out
+            if attempt < self.cfg.max_retries:
+                backoff = min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
+                await asyncio.sleep(min(120.0, wait) if wait is not None else backoff)
+        self.counts["failed"] += 1
+        raise TeacherError(f"a teacher request failed {self.cfg.max_retries + 1} times; last: {problem}. "
+                           "Accepted records are on disk: fix the server and re-run with --resume.")
+
+    def _failed(self, ep: Endpoint, what: str) -> None:
+        self.counts[what] += 1
+        ep.failures += 1
+        if ep.failures >= self.cfg.dead_after:
+            ep.dead_until = time.monotonic() + self.cfg.dead_cooldown
+            ep.failures = 0
+            self.counts["endpoint_taken_out"] += 1
 
     def _parse(self, data: dict, req: Request) -> list[Completion]:
         out = []

@@ -1,0 +1,104 @@
+"""A persistent response cache in front of any teacher: a re-run or a resumed run pays for nothing twice.
+
+    teacher = CachedTeacher(OpenAITeacher(cfg), ResponseCache("~/.cache/selfinstruct/responses.sqlite"))
+
+Key: sha256 of (model, chat or completion, prompt, JSON schema, sampling parameters without `n`,
+sample index). Without `n` and with the index, asking for 5 samples after 3 reuses the first 3.
+SQLite in WAL mode with a busy timeout: several threads or processes (two stages, two runs) may
+read and write at once. Nothing secret is in a key: the API key never reaches this layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sqlite3
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from selfinstruct.teacher.base import Completion, Request, Teacher
+
+
+def cache_key(model: str, chat: bool, req: Request, sample: int) -> str:
+    sampling = dataclasses.asdict(req.sampling)
+    sampling.pop("n")
+    blob = json.dumps({"model": model, "chat": chat, "prompt": req.prompt, "schema": req.json_schema,
+                       "sampling": sampling, "sample": sample}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ResponseCache:
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, text TEXT NOT NULL, "
+                         "finish TEXT NOT NULL)")
+
+    def get_many(self, keys: list[str]) -> dict[str, Completion]:
+        found: dict[str, Completion] = {}
+        with self._lock:
+            for start in range(0, len(keys), 500):  # SQLite's bound-parameter limit
+                chunk = keys[start: start + 500]
+                marks = ",".join("?" * len(chunk))
+                for key, text, finish in self._db.execute(
+                        f"SELECT key, text, finish FROM responses WHERE key IN ({marks})", chunk):
+                    found[key] = Completion(text, finish)
+        return found
+
+    def put_many(self, items: dict[str, Completion]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?)",
+                                 [(k, c.text, c.finish_reason) for k, c in items.items()])
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class CachedTeacher:
+    """Answers what the cache knows; asks the inner teacher for requests with any sample missing."""
+
+    def __init__(self, inner: Teacher, cache: ResponseCache):
+        self.inner, self.cache = inner, cache
+        self.name = inner.name
+        self.concurrent = getattr(inner, "concurrent", False)
+        self.hits = self.misses = 0
+        self._pool = ThreadPoolExecutor(1) if self.concurrent else None
+
+    @property
+    def stats(self) -> dict:
+        return {**getattr(self.inner, "stats", {}), "cache_hits": self.hits, "cache_misses": self.misses}
+
+    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+        chat = getattr(self.inner, "chat", True)
+        keys = [[cache_key(self.name, chat, r, k) for k in range(r.sampling.n)] for r in requests]
+        found = self.cache.get_many([k for ks in keys for k in ks])
+        missing = [i for i, ks in enumerate(keys) if any(k not in found for k in ks)]
+        self.hits += len(requests) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            outs = self.inner.generate([requests[i] for i in missing])
+            # Samples already cached stay as they were; only the missing indices are filled in.
+            new = {k: c for i, out in zip(missing, outs, strict=True)
+                   for k, c in zip(keys[i], out, strict=True) if k not in found}
+            self.cache.put_many(new)
+            found.update(new)
+        return [[found[k] for k in ks] for ks in keys]
+
+    def submit(self, requests: list[Request]) -> Future:
+        """Start `generate` in the background (backends that serve concurrent calls only)."""
+        return self._pool.submit(self.generate, requests)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.inner.close()
+        self.cache.close()
