@@ -67,7 +67,7 @@ class FaultyProxy:
     `every_hang`-th hangs for `hang_s` seconds. Runs uvicorn in a thread on 127.0.0.1."""
 
     def __init__(self, upstream: str, every_429: int = 4, every_500: int = 5, every_hang: int = 7,
-                 hang_s: float = 5.0):
+                 hang_s: float = 5.0, reject_response_format: bool = False):
         import asyncio
         import threading
 
@@ -84,6 +84,10 @@ class FaultyProxy:
         async def handle(request: Request) -> Response:
             self.seen += 1
             n = self.seen
+            body = await request.body()
+            if reject_response_format and b"response_format" in body:
+                self.faults["response_format"] = self.faults.get("response_format", 0) + 1
+                return Response('{"detail": "response_format is not supported"}', status_code=400)
             if n % every_429 == 0:
                 self.faults["429"] += 1
                 return Response("slow down", status_code=429, headers={"Retry-After": "0.2"})
@@ -97,7 +101,7 @@ class FaultyProxy:
             self.faults["forwarded"] += 1
             async with httpx.AsyncClient(timeout=120) as client:
                 r = await client.post(self.upstream + request.url.path.removeprefix("/v1"),
-                                      content=await request.body(), headers={"content-type": "application/json"})
+                                      content=body, headers={"content-type": "application/json"})
             return Response(r.content, status_code=r.status_code, media_type="application/json")
 
         app = Starlette(routes=[Route("/v1/{path:path}", handle, methods=["POST"])])

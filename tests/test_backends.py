@@ -247,3 +247,18 @@ def test_vllm_engine_generates(teacher_dir):
     outs = t.generate([Request("Come up with a series of tasks:\n1.", Sampling(temperature=1.0, max_tokens=20,
                                                                                 n=2, seed=s)) for s in range(4)])
     assert [len(o) for o in outs] == [2, 2, 2, 2]
+
+
+def test_response_format_fallback(teacher_dir, tmp_path):
+    with transformers_serve(teacher_dir, tmp_path / "s.log") as url, \
+            FaultyProxy(url, every_429=10**9, every_500=10**9, every_hang=10**9, reject_response_format=True) as proxy:
+        t = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], cache=None))
+        schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+        req = Request("Answer in JSON.", Sampling(temperature=0, max_tokens=8), json_schema=schema)
+        outs = t.generate([req, req])
+        rejected = proxy.faults["response_format"]  # 1 or 2: both may be in flight before the first answer
+        assert len(outs) == 2 and 1 <= rejected <= 2
+        assert t.generate([req]) and proxy.faults["response_format"] == rejected  # never sent to it again
+        t.close()
+    assert t.stats["fallback_response_format"] == 1 and t.endpoints[0].rejects_response_format
+    assert t.stats["sent"] == t.stats["ok"] + t.stats["retried_4xx_response_format"]

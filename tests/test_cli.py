@@ -68,15 +68,24 @@ def test_generate_then_train(teacher_dir, random_model_dir, fast_config, tmp_pat
 
 @pytest.mark.slow
 def test_generate_through_transformers_serve(teacher_dir, fast_config, tmp_path):
+    secret = "sk-test-DO-NOT-WRITE-4f8a1c"
     with transformers_serve(teacher_dir, tmp_path / "serve.log") as url:
         run = tmp_path / "run"
         r = cli("generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--backend", "openai",
-                "--base-url", url, "--num-instructions", 3, "--out", run, "--config", fast_config)
+                "--base-url", url, "--num-instructions", 3, "--out", run, "--config", fast_config,
+                env={"OPENAI_API_KEY": secret})
         assert r.returncode == 0, r.stderr
     check_run(run, 3, teacher_dir)
     stats = json.loads((run / "stats.json").read_text())
     log = (tmp_path / "serve.log").read_text()
-    assert log.count('"POST /v1/chat/completions HTTP/1.1" 200') == sum(stats["requests"].values())
+    sent = log.count('"POST /v1/chat/completions HTTP/1.1" 200')
+    assert sent == sum(stats["requests"].values()) + stats["counts"].get("prefetched_unused", 0)
+    if stats["steps"] > 1:  # the next step's requests were in flight while a step finished
+        assert stats["counts"]["prefetched_used"] >= 1
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "serve.log"]
+    assert any(p.suffix == ".sqlite" for p in written)  # the cache is among the files searched
+    assert not [p for p in written if secret.encode() in p.read_bytes()], "the API key reached a file"
+    assert secret not in r.stderr + r.stdout
 
 
 def test_garbage_teacher_ends_with_clear_message(random_model_dir, tmp_path):

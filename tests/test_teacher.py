@@ -58,8 +58,10 @@ def test_unreachable_server_is_a_clear_error():
     from serve import free_port
 
     cfg = TeacherConfig(model="m", base_urls=[f"http://127.0.0.1:{free_port()}/v1"], max_retries=1)
+    teacher = OpenAITeacher(cfg)
     with pytest.raises(TeacherError, match="failed 2 times"):
-        OpenAITeacher(cfg).generate([Request("hi", Sampling(max_tokens=4))])
+        teacher.generate([Request("hi", Sampling(max_tokens=4))])
+    teacher.close()
 
 
 @pytest.mark.slow
@@ -78,6 +80,9 @@ def test_openai_backend_against_transformers_serve(teacher_dir, tmp_path):
         bad = OpenAITeacher(TeacherConfig(model="not-the-served-model", base_urls=[url], max_retries=0))
         with pytest.raises((UserError, TeacherError)):
             bad.generate([Request("hi", Sampling(max_tokens=3))])
+        bad.close()
+        teacher.close()
+        completion.close()
     log = (tmp_path / "serve.log").read_text()
     # the server really answered: 1 + 1 (n fallback) + 1 chat requests, 1 completions request
     assert log.count('"POST /v1/chat/completions HTTP/1.1" 200') == 3

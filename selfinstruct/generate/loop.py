@@ -84,6 +84,7 @@ class Run:
         """The answers to `requests`: from a prefetch if it asked exactly these, else from the teacher."""
         sent = self._prefetched.pop(step, None)
         if sent is not None and sent[0] == requests:
+            self.counts["prefetched_used"] += len(requests)
             return sent[1].result()
         if sent is not None:
             self.counts["prefetched_unused"] += len(sent[0])

@@ -183,11 +183,11 @@ class OpenAITeacher:
                 ep = self._pick()
             endpoint = ep.url + ("/chat/completions" if self.chat else "/completions")
             wait = None
+            body = self._body(ep, req, n, sample)
             try:
                 async with self._sem:
                     self.counts["sent"] += 1
-                    async with self._session.post(endpoint, json=self._body(ep, req, n, sample),
-                                                  headers=self._headers) as resp:
+                    async with self._session.post(endpoint, json=body, headers=self._headers) as resp:
                         status, text, headers = resp.status, await resp.text(), resp.headers
             except asyncio.TimeoutError as e:
                 problem = f"{endpoint}: timed out after {self.cfg.request_timeout} s ({type(e).__name__})"
@@ -205,10 +205,11 @@ class OpenAITeacher:
                     self._failed(ep, f"retried_{status}")
                     wait = retry_after(headers.get("retry-after"))
                 elif status >= 400:
-                    rejected_format = "response_format" in text and req.json_schema is not None
-                    if rejected_format and not ep.rejects_response_format:
-                        ep.rejects_response_format = True  # try again without it; parsing copes with free text
-                        self.counts["fallback_response_format"] += 1
+                    if "response_format" in body and "response_format" in text:
+                        if not ep.rejects_response_format:
+                            self.counts["fallback_response_format"] += 1
+                        ep.rejects_response_format = True  # again without it; parsing copes with free text
+                        self.counts["retried_4xx_response_format"] += 1
                         continue
                     self.counts["failed_4xx"] += 1
                     raise UserError(f"teacher server {endpoint} rejected the request with HTTP {status}: {text[:300]}")
