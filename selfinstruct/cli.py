@@ -63,8 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preview", type=int, metavar="N", default=None,
                    help="Show N tokenised examples with trained tokens marked, and do not train.")
     t.add_argument("--json", action="store_true", help="With --preview: print JSON instead of colours.")
+    t.add_argument("--merge", dest="train.merge", action="store_true", default=None, help=field_help("train.merge"))
     t.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
     t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("merge", help="Merge a LoRA adapter into its base model (a full model to serve).")
+    m.add_argument("adapter", metavar="ADAPTER_DIR")
+    m.add_argument("--out", required=True, metavar="DIR")
+    m.add_argument("--base", metavar="MODEL", help="Base model (default: the one named in adapter_config.json).")
+    m.set_defaults(func=cmd_merge)
 
     d = sub.add_parser("dedup", help="Remove near-duplicate records from a data file (greedy, input order).")
     d.add_argument("input", metavar="IN", help="A data file (Alpaca, Self-Instruct, chat) or a generate run.")
@@ -118,6 +125,13 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     from selfinstruct.dedup_cli import run_dedup
 
     run_dedup(args.input, args.out, args.method, args.threshold)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from selfinstruct.merge import merge_adapter
+
+    merge_adapter(args.adapter, args.out, args.base)
     return 0
 
 

@@ -213,6 +213,18 @@ class TrainConfig:
     target_modules: list[str] = opt(["all-linear"], "Modules that get adapters; `all-linear` = every linear "
                                     "layer but the output head.")
     group_by_length: bool = opt(True, "Batch examples of similar length (less padding, same loss).")
+    packing: str = opt("auto", "Several examples per row without attending to each other. auto: on with "
+                       "flash-attention (TRL's bfd, varlen kernels), off elsewhere (on CPU length grouping is "
+                       "faster); on: also without flash-attention, through 4D block-diagonal masks (sdpa).",
+                       ("auto", "on", "off"))
+    use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = opt(False, "DoRA adapters (vLLM cannot serve them: merge first).")
+    qlora: bool = opt(False, "Load the student in 4-bit (bitsandbytes NF4, CUDA only) and train LoRA on top.")
+    neftune_noise_alpha: float | None = opt(None, "NEFTune: noise on input embeddings while training (e.g. 5).")
+    mix_data: list[str] = opt([], "Data files or run directories to mix in against forgetting (seeds, earlier "
+                              "rounds, a general dataset).")
+    mix_fraction: float = opt(0.0, "Mixed-in examples, as a fraction of the training split (drawn with the seed).")
+    merge: bool = opt(False, "Also write a merged full model to <out>/merged (servable without LoRA support).")
     logging_steps: int = opt(10, "Log loss every N steps.")
     save_steps: int = opt(200, "Checkpoint every N steps (for --resume).")
     seed: int = opt(42, "Seed of initialisation, shuffling and dropout.")
@@ -228,6 +240,8 @@ class TrainConfig:
         _require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         _require(bool(self.target_modules), "target_modules", "must name at least one module")
         _require(self.logging_steps >= 1 and self.save_steps >= 1, "save_steps", "steps must be >= 1")
+        _require(self.mix_fraction >= 0, "mix_fraction", "must be >= 0")
+        _require(not self.mix_fraction or bool(self.mix_data), "mix_fraction", "needs mix_data to draw from")
 
 
 @dataclass

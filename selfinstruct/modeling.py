@@ -15,9 +15,10 @@ def pick_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def load_model_and_tokenizer(name: str, device: str, dtype: str, trust_remote_code: bool,
-                             role: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load from the hub or a local path; a missing model (or no hub access) is a clear UserError."""
+def load_model_and_tokenizer(name: str, device: str, dtype: str, trust_remote_code: bool, role: str,
+                             **load_kwargs: object) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load from the hub or a local path; a missing model (or no hub access) is a clear UserError.
+    `load_kwargs` go to from_pretrained (attn_implementation, quantization_config, device_map)."""
     hf_logging.disable_progress_bar()  # our own progress display is the one to watch
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -26,10 +27,13 @@ def load_model_and_tokenizer(name: str, device: str, dtype: str, trust_remote_co
             torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         else:
             torch_dtype = DTYPES[dtype]
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                                     **load_kwargs)
     except (OSError, ValueError) as e:
         raise UserError(
             f"cannot load {role} model '{name}': {str(e).splitlines()[0]}\n"
             f"If the Hugging Face hub is unreachable from here, download the model elsewhere and pass "
             f"--{role} PATH to its local directory.") from None
-    return model.to(device).eval(), tok
+    if "device_map" not in load_kwargs:  # a quantized model is placed by its loader
+        model = model.to(device)
+    return model.eval(), tok

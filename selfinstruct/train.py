@@ -13,7 +13,9 @@ TRL's SFTTrainer, which uses them as they are.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,10 @@ import datasets
 import jinja2
 from rich.console import Console
 
-from selfinstruct.config import Config, dump_yaml
+from selfinstruct.config import Config, TrainConfig, dump_yaml
 from selfinstruct.dataset import Conversation, load_training_data
 from selfinstruct.errors import UserError
+from selfinstruct.packing import PackedCollator, pack
 from selfinstruct.prompts import PROMPTS_DIR
 from selfinstruct.records import write_atomic, write_json
 
@@ -103,35 +106,112 @@ def default_out(data: str) -> Path:
     return Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}-train"
 
 
-def run_train(cfg: Config) -> Path:
-    """Train a LoRA adapter; writes <out>/adapter (adapter + tokenizer), metrics.json, config.yaml."""
-    import torch
+def mix_in(train: list[Conversation], tcfg: TrainConfig) -> tuple[list[Conversation], dict[str, Any]]:
+    """Add round(mix_fraction * len(train)) conversations drawn (seeded) from the mix sources."""
+    if not tcfg.mix_data or not tcfg.mix_fraction:
+        return train, {}
+    pool = [c for path in tcfg.mix_data for c in load_training_data(path)[0]]
+    k = min(len(pool), round(tcfg.mix_fraction * len(train)))
+    drawn = random.Random(tcfg.seed).sample(pool, k)
+    return train + drawn, {"sources": tcfg.mix_data, "fraction": tcfg.mix_fraction, "examples": k}
+
+
+def packing_mode(tcfg: TrainConfig, cuda: bool) -> str:
+    """'trl' (TRL's bfd packing on flash-attention), 'mask' (ours, 4D masks on sdpa) or 'off'."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if tcfg.packing == "off":
+        return "off"
+    if cuda and is_flash_attn_2_available():
+        return "trl"
+    return "mask" if tcfg.packing == "on" else "off"
+
+
+def lora_config(tcfg: TrainConfig) -> Any:
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+
+    if tcfg.use_dora:
+        console.print("[yellow]DoRA adapters cannot be served by vLLM: merge them first (train.merge).[/]")
+    targets = "all-linear" if tcfg.target_modules == ["all-linear"] else tcfg.target_modules
+    return LoraConfig(r=tcfg.lora_r, lora_alpha=tcfg.lora_alpha, lora_dropout=tcfg.lora_dropout,
+                      target_modules=targets, use_rslora=tcfg.use_rslora, use_dora=tcfg.use_dora,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def load_student(cfg: Config, packing: str) -> tuple[Any, Any]:
+    import torch
 
     from selfinstruct.modeling import load_model_and_tokenizer
+
+    tcfg = cfg.train
+    kwargs: dict[str, Any] = {}
+    if packing == "trl":
+        kwargs["attn_implementation"] = "flash_attention_2"
+    elif packing == "mask":
+        kwargs["attn_implementation"] = "sdpa"  # honours the 4D block-diagonal masks exactly
+    if tcfg.qlora:
+        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("train.qlora needs a CUDA GPU and bitsandbytes (pip install bitsandbytes)")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model, tok = load_model_and_tokenizer(tcfg.student, "auto", "auto", cfg.teacher.trust_remote_code,
+                                          "student", **kwargs)
+    if tcfg.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    return model, tok
+
+
+def padding_fraction(trainer: Any, train_ds: datasets.Dataset) -> float:
+    """Share of the token slots in one epoch's batches (as the trainer's own dataloader forms them) that
+    hold padding rather than data."""
+    real = sum(len(ids) for ids in train_ds["input_ids"])
+    slots = sum(batch["input_ids"].numel() for batch in trainer.get_train_dataloader())
+    return round(1 - real / slots, 4) if slots else 0.0
+
+
+def run_train(cfg: Config, callbacks: list[Any] | None = None) -> Path:
+    """Train a LoRA adapter; writes <out>/adapter (adapter + tokenizer), metrics.json, loss.png,
+    config.yaml (and <out>/merged with train.merge). Runs unchanged under torchrun / accelerate
+    launch; only rank 0 writes. `callbacks` are extra Trainer callbacks."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from selfinstruct.progress import RichProgress, plot_losses
 
     tcfg = cfg.train
     if tcfg.data is None:
         raise UserError("train needs --data (a generate run directory or a data file)")
     train_convs, eval_convs = load_training_data(tcfg.data)
+    train_convs, mix = mix_in(train_convs, tcfg)
     out = Path(tcfg.out) if tcfg.out else default_out(tcfg.data)
     if (out / "adapter").exists() and not tcfg.resume:
         raise UserError("an adapter is already there: pass --resume or another --out", out)
-    model, tok = load_model_and_tokenizer(tcfg.student, "auto", "auto", cfg.teacher.trust_remote_code, "student")
+    cuda = torch.cuda.is_available()
+    packing = packing_mode(tcfg, cuda)
+    model, tok = load_student(cfg, packing)
     prepare_tokenizer(tok, tcfg.chat_template)
     train_ds, dropped = build_dataset(tok, train_convs, tcfg.max_length)
     if train_ds is None:
         raise UserError(f"no training example has a trained token within max_length={tcfg.max_length} "
                         "(empty replies, or prompts longer than max_length)", tcfg.data)
     eval_ds, _ = build_dataset(tok, eval_convs, tcfg.max_length) if eval_convs else (None, 0)
-    # Only now, with the data and the model known to be usable, does anything get written.
-    out.mkdir(parents=True, exist_ok=True)
-    tcfg.out = str(out)
-    write_atomic(out / "config.yaml", dump_yaml(cfg))
     trained_tokens = sum(sum(label != IGNORE for label in r) for r in train_ds["labels"])
+    collator = None
+    if packing == "mask":
+        train_ds = datasets.Dataset.from_list(pack(list(train_ds), tcfg.max_length))
+        collator = PackedCollator(tok.pad_token_id)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:  # only now, with the data and the model known to be usable, does anything get written
+        out.mkdir(parents=True, exist_ok=True)
+        tcfg.out = str(out)
+        write_atomic(out / "config.yaml", dump_yaml(cfg))
 
-    cuda = torch.cuda.is_available()
     args = SFTConfig(
         output_dir=str(out / "checkpoints"),
         num_train_epochs=tcfg.epochs,
@@ -146,41 +226,53 @@ def run_train(cfg: Config) -> Path:
         save_steps=tcfg.save_steps,
         save_total_limit=2,
         eval_strategy="epoch" if eval_ds is not None else "no",
-        train_sampling_strategy="group_by_length" if tcfg.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if tcfg.group_by_length and packing == "off" else "random",
+        packing=packing == "trl",
+        packing_strategy="bfd",
+        neftune_noise_alpha=tcfg.neftune_noise_alpha,
         seed=tcfg.seed,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         use_cpu=not cuda,
         gradient_checkpointing=cuda,  # memory matters on a GPU; on CPU it only costs time
+        disable_tqdm=True,  # RichProgress shows loss and tokens/s instead
         report_to="none",
     )
-    lora = LoraConfig(r=tcfg.lora_r, lora_alpha=tcfg.lora_alpha, lora_dropout=tcfg.lora_dropout,
-                      target_modules=tcfg.target_modules[0] if tcfg.target_modules == ["all-linear"]
-                      else tcfg.target_modules, bias="none", task_type="CAUSAL_LM")
     model.train()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, peft_config=lora)
+                         processing_class=tok, peft_config=lora_config(tcfg), data_collator=collator,
+                         callbacks=[RichProgress(trained_tokens * tcfg.epochs, console), *(callbacks or [])])
+    waste = padding_fraction(trainer, train_ds)
     resume = tcfg.resume and any((out / "checkpoints").glob("checkpoint-*"))
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     elapsed = time.monotonic() - started
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
 
     if trainer.is_world_process_zero():
         trainer.model.save_pretrained(str(out / "adapter"))
         tok.save_pretrained(str(out / "adapter"))
         metrics = {
             "student": tcfg.student,
-            "train_examples": len(train_ds),
+            "train_examples": len(train_convs) - dropped,
             "eval_examples": 0 if eval_ds is None else len(eval_ds),
             "dropped_examples": dropped,
+            "mixed_in": mix,
+            "packing": packing,
+            "padding_fraction": waste,
             "trained_tokens_per_epoch": int(trained_tokens),
             "train_loss": result.training_loss,
+            "eval_loss": eval_loss,
             "global_step": result.global_step,
             "train_seconds": round(elapsed, 2),
+            "world_size": trainer.args.world_size,
             "log_history": trainer.state.log_history,
         }
-        if eval_ds is not None:
-            metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         write_json(out / "metrics.json", metrics)
+        plot_losses(trainer.state.log_history, out / "loss.png")
         console.print(f"adapter: {out / 'adapter'}  train loss {result.training_loss:.4f}"
-                      + (f"  eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else ""))
+                      + (f"  eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
+        if tcfg.merge:
+            from selfinstruct.merge import merge_adapter
+
+            merge_adapter(out / "adapter", out / "merged")
     return out

@@ -24,16 +24,25 @@ FAMILIES = {
     "gemma": ("gemma.jinja", "<eos>", "<end_of_turn>", "<end_of_turn>\n", ""),
     # Phi-3 closes a turn with <|end|> and the whole conversation with the EOS
     "phi3": ("phi3.jinja", "<|endoftext|>", "<|end|>", "<|end|>\n", "<|endoftext|>"),
+    "mistral": ("mistral", "</s>", "</s>", "</s>", ""),
 }
+# TRL ships no Mistral template; this is Mistral-7B-Instruct-v0.1's, the [INST] family.
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+           "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+           "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
 
 
 def family_tokenizer(tokenizer, name):
     tok = copy.deepcopy(tokenizer)
     file, eos, _, _, _ = FAMILIES[name]
-    if file:
+    if file == "mistral":
+        tok.chat_template = MISTRAL
+    elif file:
         tok.chat_template = (TEMPLATES / file).read_text()
     tok.eos_token = eos
-    tok.bos_token = {"llama3": "<|begin_of_text|>", "gemma": "<bos>"}.get(name, tok.bos_token)
+    tok.bos_token = {"llama3": "<|begin_of_text|>", "gemma": "<bos>", "mistral": "<s>"}.get(name, tok.bos_token)
     return tok
 
 
@@ -116,3 +125,95 @@ def test_preview_json(random_model_dir, tmp_path):
     trained = "".join(t["token"] for t in shown[0] if t["trained"])
     assert trained == "Paris is the capital.<|im_end|>\n"
     assert not (tmp_path / "train").exists()
+
+
+def small_cfg(data, student, out, **train):
+    cfg = Config()
+    cfg.train.data, cfg.train.student, cfg.train.out = str(data), str(student), str(out)
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.logging_steps = 1, 4, 1
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def alpaca_file(path, n, prefix="Say the number"):
+    path.write_text(json.dumps([{"instruction": f"{prefix} {i}.", "input": "", "output": f"{i}"} for i in range(n)]))
+    return path
+
+
+def test_lora_options_mixing_packing_and_loss_plot(random_model_dir, tmp_path):
+    data = alpaca_file(tmp_path / "a.json", 16)
+    general = alpaca_file(tmp_path / "general.json", 40, prefix="Repeat the word")
+    cfg = small_cfg(data, random_model_dir, tmp_path / "t", use_rslora=True, use_dora=True, mix_data=[str(general)],
+                    mix_fraction=0.5, packing="on", max_length=64, neftune_noise_alpha=5.0)
+    out = run_train(cfg)
+    adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["use_rslora"] and adapter_cfg["use_dora"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mixed_in"] == {"sources": [str(general)], "fraction": 0.5, "examples": 8}
+    assert metrics["train_examples"] == 24 and metrics["packing"] == "mask"
+    assert metrics["global_step"] < 24 / 4  # packed rows hold several examples each
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class StopAt:
+    """Fault injection around the real trainer: stop as if interrupted after `step` steps."""
+
+    def __init__(self, step):
+        from transformers import TrainerCallback
+
+        class _Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if state.global_step >= step:
+                    control.should_training_stop = True
+
+        self.callback = _Stop()
+
+
+def test_resume_reaches_the_same_final_step(random_model_dir, tmp_path):
+    data = alpaca_file(tmp_path / "a.json", 32)
+    full = run_train(small_cfg(data, random_model_dir, tmp_path / "full", epochs=2, save_steps=3))
+    total = json.loads((full / "metrics.json").read_text())["global_step"]
+    assert total == 16
+    out = tmp_path / "interrupted"
+    run_train(small_cfg(data, random_model_dir, out, epochs=2, save_steps=3), callbacks=[StopAt(6).callback])
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 6
+    assert (out / "checkpoints" / "checkpoint-6").exists()
+    resumed = run_train(small_cfg(data, random_model_dir, out, epochs=2, save_steps=3, resume=True))
+    assert json.loads((resumed / "metrics.json").read_text())["global_step"] == total
+
+
+def test_merge_gives_the_adapter_model(random_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = run_train(small_cfg(alpaca_file(tmp_path / "a.json", 8), random_model_dir, tmp_path / "t", epochs=3,
+                              learning_rate=5e-3))
+    r = cli("merge", out / "adapter", "--out", tmp_path / "merged")
+    assert r.returncode == 0, r.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(random_model_dir), out / "adapter").eval()
+    ids = torch.tensor([[5, 17, 33, 90, 2]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-4)
+        base = AutoModelForCausalLM.from_pretrained(random_model_dir)(ids).logits
+        assert not torch.allclose(merged(ids).logits, base, atol=1e-4)
+    assert (tmp_path / "merged" / "tokenizer_config.json").exists()
+    r = cli("merge", tmp_path, "--out", tmp_path / "m2")
+    assert r.returncode == 2 and "not a LoRA adapter directory" in r.stderr
+
+
+def test_torchrun_two_processes_write_one_adapter(random_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    data = alpaca_file(tmp_path / "a.json", 16)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port", str(__import__("serve").free_port()),
+                        "-m", "selfinstruct.cli", "train", "--data", str(data), "--student", str(random_model_dir),
+                        "--out", str(tmp_path / "ddp")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert [p.name for p in (tmp_path / "ddp").iterdir() if p.name == "adapter"] == ["adapter"]
+    assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()
