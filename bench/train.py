@@ -61,7 +61,7 @@ def skewed_rows(path: Path, n: int, tok, seed: int = 0) -> list[dict]:
     for r in rows:
         conv = [{"role": "user", "content": user_turn(r["instruction"], r["input"])},
                 {"role": "assistant", "content": r["output"]}]
-        length = len(tok.apply_chat_template(conv, tokenize=True))
+        length = len(tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"])
         if 10 <= length <= 500:
             out.append({"messages": conv})
         if len(out) == n:

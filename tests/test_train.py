@@ -217,3 +217,14 @@ def test_torchrun_two_processes_write_one_adapter(random_model_dir, tmp_path):
     assert metrics["world_size"] == 2
     assert [p.name for p in (tmp_path / "ddp").iterdir() if p.name == "adapter"] == ["adapter"]
     assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_qlora_without_cuda_is_refused_clearly(random_model_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for machines without it")
+    data = alpaca_file(tmp_path / "a.json", 4)
+    cfg = tmp_path / "q.yaml"
+    cfg.write_text("train:\n  qlora: true\n")
+    r = cli("train", "--data", data, "--student", random_model_dir, "--out", tmp_path / "t", "--config", cfg)
+    assert r.returncode == 2 and "train.qlora needs a CUDA GPU and bitsandbytes" in r.stderr
+    assert not (tmp_path / "t").exists()
