@@ -11,27 +11,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from selfinstruct.dedup import exact_dedup, greedy_dedup, minhash_dedup
 from selfinstruct.errors import UserError
 from selfinstruct.records import read_rows, write_atomic
+from selfinstruct.seeds import record_text
 
 console = Console(stderr=True)
 METHODS = ("rouge", "exact", "minhash")
-
-
-def record_text(row: dict[str, Any], where: Path, line: int) -> str:
-    if isinstance(row.get("instruction"), str):
-        return row["instruction"]
-    msgs = row.get("messages")
-    if isinstance(msgs, list):
-        for m in msgs:
-            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
-                return m["content"]
-    raise UserError("record has neither a string 'instruction' nor a user message", where, line)
 
 
 def run_dedup(src: str, out: str, method: str, threshold: float) -> dict[str, int]:

@@ -140,3 +140,15 @@ def _messages(msgs: Any, f: Path, line: int) -> list[dict[str, str]]:
     if not any(m["content"].strip() for m in out if m["role"] == "assistant"):
         raise UserError("every assistant turn is empty: nothing to learn from", f, line)
     return out
+
+
+def record_text(row: dict[str, Any], where: Path, line: int) -> str:
+    """The text a record is compared by: its instruction, or a chat record's first user message."""
+    if isinstance(row.get("instruction"), str):
+        return row["instruction"]
+    msgs = row.get("messages")
+    if isinstance(msgs, list):
+        for m in msgs:
+            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+                return m["content"]
+    raise UserError("record has neither a string 'instruction' nor a user message", where, line)

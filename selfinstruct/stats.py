@@ -110,6 +110,23 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def counts_table(stats: dict[str, Any], title: str) -> Table:
+    """Accepted, requests per stage, rejections per reason, split sizes: the end-of-run summary."""
+    t = Table(title=title)
+    t.add_column("what")
+    t.add_column("count", justify="right")
+    t.add_row("accepted instructions", f"{stats['accepted_instructions']} / {stats['target_instructions']}")
+    t.add_row("accepted records", str(stats["accepted_records"]))
+    t.add_row("candidates", str(stats.get("counts", {}).get("candidates", 0)))
+    for stage, n in stats.get("requests", {}).items():
+        t.add_row(f"teacher requests: {stage}", str(n))
+    for reason, n in stats.get("rejected", {}).items():
+        t.add_row(f"rejected: {reason}", str(n))
+    if "dataset" in stats:
+        t.add_row("dataset train / test", f"{stats['dataset']['train']} / {stats['dataset']['test']}")
+    return t
+
+
 def show_stats(run: str | Path) -> dict[str, Any]:
     """Print a run's stats.json as tables (selfinstruct stats RUN)."""
     path = Path(run) / "stats.json"
@@ -120,17 +137,7 @@ def show_stats(run: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise UserError(f"stats.json is not valid JSON: {e.msg}", path, e.lineno) from None
     console = Console()
-    t = Table(title=f"{run}: {stats.get('method')} with {stats.get('teacher')}")
-    t.add_column("what")
-    t.add_column("count", justify="right")
-    t.add_row("accepted instructions", f"{stats['accepted_instructions']} / {stats['target_instructions']}")
-    t.add_row("accepted records", str(stats["accepted_records"]))
-    t.add_row("candidates", str(stats.get("counts", {}).get("candidates", 0)))
-    for stage, n in stats.get("requests", {}).items():
-        t.add_row(f"teacher requests: {stage}", str(n))
-    for reason, n in stats.get("rejected", {}).items():
-        t.add_row(f"rejected: {reason}", str(n))
-    console.print(t)
+    console.print(counts_table(stats, f"{run}: {stats.get('method')} with {stats.get('teacher')}"))
     d = stats.get("diversity")
     if not d:
         return stats

@@ -24,14 +24,13 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from selfinstruct.config import Config, dump_yaml
 from selfinstruct.dedup import RougePool
 from selfinstruct.errors import UserError
 from selfinstruct.filters import check_instruction
 from selfinstruct.records import JsonlAppender, Record, read_jsonl, read_rows, write_atomic, write_json
-from selfinstruct.seeds import SeedTask, load_tasks
+from selfinstruct.seeds import SeedTask, load_tasks, record_text
 from selfinstruct.teacher import Completion, Request, Teacher, make_teacher
 from selfinstruct.teacher.launch import launched_server
 
@@ -47,6 +46,7 @@ class Run:
     cfg: Config
     teacher: Teacher
     seeds: list[SeedTask]
+    extra_pool: list[str] = field(default_factory=list)  # instructions of generate.dedup_against
     pool: RougePool = field(default_factory=RougePool)
     machine: list[tuple[str, str]] = field(default_factory=list)  # (instruction, first record id)
     counts: Counter = field(default_factory=Counter)
@@ -157,7 +157,7 @@ def _restore(run: Run) -> None:
     """Rebuild the in-memory state of an interrupted run from its files."""
     for s in run.seeds:
         run.pool.add(s.instruction)
-    for text in pool_texts(run.cfg.generate.dedup_against):
+    for text in run.extra_pool:
         run.pool.add(text)
     state_path = run.dir / "state.json"
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
@@ -187,8 +187,6 @@ def _restore(run: Run) -> None:
 
 def pool_texts(paths: list[str]) -> list[str]:
     """Instructions of other data (files, or run directories' generated.jsonl) for the ROUGE-L pool."""
-    from selfinstruct.dedup_cli import record_text
-
     texts = []
     for p in map(Path, paths):
         src = p / "generated.jsonl" if p.is_dir() and (p / "generated.jsonl").exists() else p
@@ -204,7 +202,7 @@ def run_generate(cfg: Config) -> Path:
     gcfg = cfg.generate
     # Everything that can fail on bad input fails before anything is written.
     seeds = load_tasks(gcfg.seeds)
-    pool_texts(gcfg.dedup_against)  # read now, so a bad file fails before anything is written
+    extra_pool = pool_texts(gcfg.dedup_against)  # read now: a bad file fails before anything is written
     out = Path(gcfg.out) if gcfg.out else default_run_dir(gcfg.method)
     check_run_dir(out, gcfg.resume)
     with contextlib.ExitStack() as stack:
@@ -217,7 +215,7 @@ def run_generate(cfg: Config) -> Path:
         make_run_dir(out)
         cfg.generate.out = str(out)
         write_atomic(out / "config.yaml", dump_yaml(cfg))
-        return _generate(Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds), step)
+        return _generate(Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds, extra_pool=extra_pool), step)
 
 
 def _generate(run: Run, step: Callable[[Run], None]) -> Path:
@@ -291,15 +289,6 @@ def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
 
 
 def print_summary(stats: dict[str, Any]) -> None:
-    table = Table(title=f"{stats['method']} with {stats['teacher']}", show_header=True)
-    table.add_column("what")
-    table.add_column("count", justify="right")
-    table.add_row("accepted instructions", f"{stats['accepted_instructions']} / {stats['target_instructions']}")
-    table.add_row("accepted records", str(stats["accepted_records"]))
-    for stage, n in stats["requests"].items():
-        table.add_row(f"teacher requests: {stage}", str(n))
-    for reason, n in stats["rejected"].items():
-        table.add_row(f"rejected: {reason}", str(n))
-    split = stats.get("dataset", {})
-    table.add_row("dataset train / test", f"{split.get('train', 0)} / {split.get('test', 0)}")
-    console.print(table)
+    from selfinstruct.stats import counts_table
+
+    console.print(counts_table(stats, f"{stats['method']} with {stats['teacher']}"))

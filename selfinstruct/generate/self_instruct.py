@@ -115,6 +115,7 @@ def step(run: Run) -> None:
 
     records: list[Record] = []
     t_instr = template_id(T_INSTRUCTIONS)
+    templates = {clf: f"{t_instr}+{template_id(T_OUTPUT_FIRST if clf else T_INPUT_FIRST)}" for clf in (False, True)}
     sampling = {"instruction": public(cfg.instruction_sampling), "instance": public(cfg.instance_sampling)}
     for (instr, par, score), clf, out in zip(fresh, is_clf, inst_outs, strict=True):
         c = out[0]
@@ -130,13 +131,12 @@ def step(run: Run) -> None:
             rejected.append({"stage": "task", "reason": "no_valid_instances", "instruction": instr,
                              "raw": c.text[:2000], "in_pool": True})
             continue
-        template = f"{t_instr}+{template_id(T_OUTPUT_FIRST if clf else T_INPUT_FIRST)}"
         first = len(records)
         for inst in kept:
             records.append(Record(
                 id=run.next_id(), instruction=instr, input=inst.input, output=inst.output,
                 method="self-instruct", round=run.round, parents=par, teacher=run.teacher.name,
-                template=template, sampling=sampling,
+                template=templates[clf], sampling=sampling,
                 scores={"rouge_max": round(score, 4), "is_classification": clf}))
         run.machine.append((instr, records[first].id))
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from selfinstruct.config import Sampling, TeacherConfig
+from selfinstruct.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,13 @@ class Teacher(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def use_chat(cfg: TeacherConfig, has_template: bool) -> bool:
+    """Whether prompts go out as a user chat message (`auto`: when the model has a chat template)."""
+    if cfg.prompt_format == "chat" and not has_template:
+        raise UserError(f"teacher '{cfg.model}' has no chat template; use --prompt-format completion")
+    return cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and has_template)
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

@@ -11,9 +11,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from selfinstruct.config import Sampling, TeacherConfig
-from selfinstruct.errors import UserError
 from selfinstruct.modeling import load_model_and_tokenizer
-from selfinstruct.teacher.base import Completion, Request, cut_at_stop
+from selfinstruct.teacher.base import Completion, Request, cut_at_stop, use_chat
 
 
 class _Penalties(LogitsProcessor):
@@ -41,10 +40,7 @@ class HFTeacher:
         self.tok.padding_side = "left"  # decoder-only batched generation appends on the right
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        has_template = bool(getattr(self.tok, "chat_template", None))
-        if cfg.prompt_format == "chat" and not has_template:
-            raise UserError(f"teacher '{cfg.model}' has no chat template; use --prompt-format completion")
-        self.chat = cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and has_template)
+        self.chat = use_chat(cfg, bool(getattr(self.tok, "chat_template", None)))
 
     def close(self) -> None:
         self.model = None

@@ -15,7 +15,7 @@ from typing import Any
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import UserError
-from selfinstruct.teacher.base import Completion, Request, cut_at_stop
+from selfinstruct.teacher.base import Completion, Request, cut_at_stop, use_chat
 
 
 def sampling_kwargs(s: Sampling) -> dict[str, Any]:
@@ -59,10 +59,7 @@ class VLLMTeacher:
         self.cfg = cfg
         self.name = cfg.model
         self.llm = llm if llm is not None else vllm.LLM(**engine_kwargs(cfg))
-        template = getattr(self.llm.get_tokenizer(), "chat_template", None)
-        if cfg.prompt_format == "chat" and not template:
-            raise UserError(f"teacher '{cfg.model}' has no chat template; use --prompt-format completion")
-        self.chat = cfg.prompt_format == "chat" or (cfg.prompt_format == "auto" and bool(template))
+        self.chat = use_chat(cfg, bool(getattr(self.llm.get_tokenizer(), "chat_template", None)))
         self.lora = None
         if cfg.lora_path is not None:
             from vllm.lora.request import LoRARequest
