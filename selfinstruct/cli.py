@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from selfinstruct import __version__
-from selfinstruct.config import Config, field_help, load_config
+from selfinstruct.config import METHODS, Config, field_help, load_config
 from selfinstruct.errors import TeacherError, UserError
 
 console = Console(stderr=True)
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="Grow an instruction dataset from seed tasks with a teacher model.")
     _flag(g, "--seeds", "generate.seeds", metavar="PATH")
-    _flag(g, "--method", "generate.method", choices=["self-instruct", "alpaca"])
+    _flag(g, "--method", "generate.method", choices=METHODS)
     _flag(g, "--teacher", "teacher.model", metavar="MODEL")
     _flag(g, "--backend", "teacher.backend", choices=["auto", "vllm", "openai", "transformers"])
     g.add_argument("--base-url", dest="teacher.base_urls", action="append", default=None, metavar="URL",

@@ -153,11 +153,61 @@ class AlpacaConfig:
                  "must leave room for new tasks after the demonstrations")
 
 
+METHODS = ("self-instruct", "alpaca", "evol", "self-instruct+evol")
+EVOL_OPERATIONS = ("constraints", "deepen", "concretize", "reasoning", "complicate_input", "breadth")
+
+
+@dataclass
+class EvolWeights:
+    """Relative weights of the six evolution operations (one is drawn per instruction per round)."""
+
+    constraints: float = opt(1.0, "In-depth: add one more constraint or requirement.")
+    deepen: float = opt(1.0, "In-depth: ask about the issue in more depth and breadth.")
+    concretize: float = opt(1.0, "In-depth: replace general concepts with more specific ones.")
+    reasoning: float = opt(1.0, "In-depth: ask explicitly for multi-step reasoning.")
+    complicate_input: float = opt(1.0, "In-depth: add complex input data (code, a table, JSON, SQL).")
+    breadth: float = opt(1.0, "In-breadth: a new, rarer instruction in the same domain.")
+
+    def __post_init__(self) -> None:
+        for op in EVOL_OPERATIONS:
+            _require(getattr(self, op) >= 0, op, "must be >= 0")
+        _require(sum(getattr(self, op) for op in EVOL_OPERATIONS) > 0, "breadth",
+                 "at least one operation needs a weight above 0")
+
+
+@dataclass
+class EvolConfig:
+    rounds: int = opt(4, "Evolution rounds M: every instruction gets one operation per round (WizardLM: 4).")
+    weights: EvolWeights = opt(EvolWeights(), "Operation weights.")
+    max_inputs: int | None = opt(None, "Evolve at most this many input instructions (a seeded sample); "
+                                 "default all.")
+    batch_size: int = opt(64, "Instructions evolved per step (a checkpoint per step).")
+    sorry_max_words: int = opt(80, "Elimination rule 2: a response containing \"sorry\" with fewer words than "
+                               "this is dropped.")
+    copy_phrases: list[str] = opt(["given prompt", "rewritten prompt", "created prompt"],
+                                  "Elimination rule 4: an evolved instruction containing any of these "
+                                  "(case-insensitive) copied the evolution prompt and is dropped.")
+    evolve_sampling: Sampling = opt(Sampling(temperature=1.0, top_p=1.0, max_tokens=2048),
+                                    "Sampling for rewriting an instruction (WizardLM: temperature 1).")
+    response_sampling: Sampling = opt(Sampling(temperature=1.0, top_p=1.0, max_tokens=2048),
+                                      "Sampling for the response to an evolved instruction.")
+    equality_sampling: Sampling = opt(Sampling(temperature=0.0, max_tokens=8),
+                                      "Sampling for elimination rule 1, the Equal / Not Equal judgement.")
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "rounds", "must be >= 1")
+        _require(self.max_inputs is None or self.max_inputs >= 1, "max_inputs", "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.sorry_max_words >= 0, "sorry_max_words", "must be >= 0")
+
+
 @dataclass
 class GenerateConfig:
-    seeds: str = opt("seeds", "Seed tasks: a file or a directory of .jsonl/.json files.")
-    method: str = opt("self-instruct", "Generation recipe: self-instruct (Wang et al.) or alpaca (Taori et al.).",
-                      ("self-instruct", "alpaca"))
+    seeds: str = opt("seeds", "Seed tasks: a file or a directory of .jsonl/.json files (any seed "
+                     "format); for evol also a generate run directory, whose accepted instructions are evolved.")
+    method: str = opt("self-instruct", "Generation recipe: self-instruct (Wang et al.), alpaca (Taori et al.), "
+                      "evol (Evol-Instruct, Xu et al.: evolve the --seeds input), or self-instruct+evol (generate "
+                      "num_instructions, then evolve them).", METHODS)
     num_instructions: int = opt(100, "Stop after this many accepted instructions (each with its instances).")
     out: str | None = opt(None, "Run directory; default outputs/<date>-<time>-<method>.")
     seed: int = opt(42, "Seed of every random choice (demo sampling, teacher sampling, split).")
@@ -182,6 +232,7 @@ class GenerateConfig:
         Sampling(temperature=0.0, max_tokens=350, presence_penalty=1.5, stop=["Task:"]),
         "Sampling for instances (\"Example N+1\" is added as a stop string).")
     alpaca: AlpacaConfig = opt(AlpacaConfig(), "Settings of --method alpaca.")
+    evol: EvolConfig = opt(EvolConfig(), "Settings of --method evol and self-instruct+evol.")
 
     def __post_init__(self) -> None:
         _require(self.num_instructions >= 1, "num_instructions", "must be >= 1")

@@ -26,6 +26,7 @@ import re
 import unicodedata
 import zlib
 from array import array
+from collections.abc import Collection
 
 import numpy as np
 from rapidfuzz import process
@@ -69,6 +70,8 @@ class RougePool:
         self._codes: dict[str, str] = {}
         self._seqs: list[str] = []
         self._lens: list[int] = []
+        self.first_index: dict[str, int] = {}  # text -> where it was first added
+        self.retired: set[int] = set()  # indices best() no longer compares against
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -87,16 +90,23 @@ class RougePool:
         self._append(text, self._encode(text))
 
     def _append(self, text: str, seq: str) -> None:
+        self.first_index.setdefault(text, len(self.texts))
         self.texts.append(text)
         self._seqs.append(seq)
         self._lens.append(len(seq))
 
-    def best(self, text: str) -> tuple[float, int]:
-        """Highest ROUGE-L F of `text` against the pool, and the index of that pool text (-1 if none)."""
-        score, idx = self._best_many([self._encode(text)])
+    def retire(self, index: int) -> None:
+        """Stop comparing against the text at `index` (a candidate that was dropped later on)."""
+        self.retired.add(index)
+
+    def best(self, text: str, exclude: Collection[int] = ()) -> tuple[float, int]:
+        """Highest ROUGE-L F of `text` against the pool (leaving out the indices in `exclude`), and the
+        index of that pool text (-1 if none)."""
+        skip = np.asarray(sorted(self.retired.union(exclude)), dtype=np.int64)
+        score, idx = self._best_many([self._encode(text)], skip)
         return float(score[0]), int(idx[0])
 
-    def _best_many(self, seqs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _best_many(self, seqs: list[str], exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         best = np.zeros(len(seqs))
         where = np.full(len(seqs), -1)
         qlens = np.array([len(s) for s in seqs])[:, None]
@@ -104,6 +114,9 @@ class RougePool:
             cols = self._seqs[start: start + CHUNK]
             lcs = process.cdist(seqs, cols, scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers)
             f = f_measure(lcs, qlens, np.asarray(self._lens[start: start + CHUNK])[None, :])
+            if exclude is not None and len(exclude):
+                cut = exclude[(exclude >= start) & (exclude < start + len(cols))] - start
+                f[:, cut] = -1.0
             arg = f.argmax(axis=1)
             top = f[np.arange(len(seqs)), arg]
             better = top > best

@@ -67,3 +67,49 @@ def clean_instances(instances: list[Instance], limit: int) -> tuple[list[Instanc
         else:
             dropped.append((inst, reason))
     return kept, dropped
+
+
+# ---------------------------------------------------------------- Evol-Instruct elimination (rules 2-4)
+
+# English stop words (the usual function words: articles, pronouns, auxiliaries, prepositions,
+# conjunctions, and a few fillers). Rule 3 drops a response made only of these and punctuation.
+_STOP_WORDS = """
+a about above after again against all am an and any are aren't as at be because been before being below
+between both but by can can't cannot could couldn't did didn't do does doesn't doing don't down during each
+few for from further had hadn't has hasn't have haven't having he he'd he'll he's her here here's hers herself
+him himself his how how's i i'd i'll i'm i've if in into is isn't it it's its itself just let's me more most
+mustn't my myself no nor not now of off on once only or other ought our ours ourselves out over own same shan't
+she she'd she'll she's should shouldn't so some such than that that's the their theirs them themselves then
+there there's these they they'd they'll they're they've this those through to too under until up very was
+wasn't we we'd we'll we're we've were weren't what what's when when's where where's which while who who's whom
+why why's will with won't would wouldn't you you'd you'll you're you've your yours yourself yourselves
+ok okay yes yeah oh um uh hmm well
+"""
+STOP_WORDS = frozenset(_STOP_WORDS.split())
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
+
+
+def is_sorry_short(response: str, max_words: int) -> bool:
+    """Rule 2: the response contains "sorry" and has fewer than `max_words` words (WizardLM: 80)."""
+    return "sorry" in response.lower() and len(response.split()) < max_words
+
+
+def is_stopwords_only(response: str) -> bool:
+    """Rule 3: the response has no word outside STOP_WORDS (empty or punctuation-only counts too).
+    Words are compared whole and lower-cased, so "The, and... of!" is caught and "The answer" is not."""
+    return all(w.replace("’", "'") in STOP_WORDS for w in _WORD.findall(response.lower()))
+
+
+def copies_prompt_words(evolved: str, phrases: list[str]) -> bool:
+    """Rule 4: the evolved instruction carries words of the evolution prompt ("#Rewritten Prompt#"...)."""
+    low = evolved.lower()
+    return any(p.lower() in low for p in phrases)
+
+
+def check_evolved_response(response: str, max_words: int) -> tuple[bool, str]:
+    """Rules 2 and 3 on the teacher's response to an evolved instruction."""
+    if is_sorry_short(response, max_words):
+        return False, "sorry_short_response"
+    if is_stopwords_only(response):
+        return False, "stopwords_only_response"
+    return True, ""

@@ -35,6 +35,9 @@ class Record:
     template: str = ""
     sampling: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, Any] = field(default_factory=dict)
+    # Evol-Instruct records: {"depth", "operations" (one per step, root first), "chain" (ancestor ids,
+    # root first; the last is the direct parent), "slot", "evol_round"}. Empty for other methods.
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -65,6 +65,53 @@ def diversity(records: list[dict[str, Any]], seed_instructions: list[str], top: 
     }
 
 
+# Difficulty proxy for evolved instructions: cue words and phrases of constraints and requirements.
+_CONSTRAINT = re.compile(
+    r"\b(must|should|only|exactly|without|ensure|requir\w*|limit\w*|within|maximum|minimum|each|every|"
+    r"at (?:least|most)|no (?:more|less|fewer) than|(?:more|less|fewer) than|include\w*|specif\w*|"
+    r"step[- ]by[- ]step|\d+)\b", re.IGNORECASE)
+
+
+def constraint_count(text: str) -> int:
+    """How many constraint cues ("must", "at least", "exactly", numbers...) a text has: a crude,
+    cheap proxy for how constrained an instruction is, compared across evolution depths."""
+    return len(_CONSTRAINT.findall(text))
+
+
+def evol_stats(records: list[dict[str, Any]], rejected: list[dict[str, Any]], inputs: list[str],
+               rounds: int) -> dict[str, Any]:
+    """Evol-Instruct's numbers: accepted / eliminated per operation and per reason, the paper's four
+    rules, and difficulty proxies per evolution depth (depth 0 = the inputs)."""
+    from selfinstruct.config import EVOL_OPERATIONS
+    from selfinstruct.generate.evol import RULES
+
+    evolved = [r for r in records if r["method"].startswith("evol:")]
+    failed = [r for r in rejected if r.get("stage") == "evol"]
+    per_op = {}
+    for op in EVOL_OPERATIONS:
+        reasons = Counter(r["reason"] for r in failed if r["operation"] == op)
+        per_op[op] = {"accepted": sum(r["method"] == f"evol:{op}" for r in evolved),
+                      "eliminated": sum(reasons.values()), "reasons": dict(reasons.most_common())}
+    reasons = Counter(r["reason"] for r in failed)
+    by_depth: dict[int, list[str]] = {0: inputs}
+    for r in evolved:
+        by_depth.setdefault(r["lineage"]["depth"], []).append(r["instruction"])
+    return {
+        "inputs": len(inputs),
+        "rounds": rounds,
+        "attempts": len(evolved) + len(failed),
+        "accepted": len(evolved),
+        "eliminated": len(failed),
+        "rules": {f"{n}_{name}": reasons.get(name, 0) for name, n in RULES.items()},
+        "other_reasons": {k: v for k, v in reasons.most_common() if k not in RULES},
+        "per_operation": per_op,
+        "per_depth": {str(d): {"n": len(texts),
+                               "instruction_words": round(statistics.fmean(len(t.split()) for t in texts), 2),
+                               "constraints": round(statistics.fmean(map(constraint_count, texts)), 2)}
+                      for d, texts in sorted(by_depth.items()) if texts},
+    }
+
+
 def plot_diversity(d: dict[str, Any], out: Path) -> list[Path]:
     """Three PNGs; returns their paths."""
     import matplotlib
@@ -115,7 +162,10 @@ def counts_table(stats: dict[str, Any], title: str) -> Table:
     t = Table(title=title)
     t.add_column("what")
     t.add_column("count", justify="right")
-    t.add_row("accepted instructions", f"{stats['accepted_instructions']} / {stats['target_instructions']}")
+    target = stats.get("target_instructions")
+    evol = "evol" in str(stats.get("method"))
+    t.add_row("accepted instructions", f"{stats['accepted_instructions']}" + (f" / {target}" if target and not evol
+                                                                               else ""))
     t.add_row("accepted records", str(stats["accepted_records"]))
     t.add_row("candidates", str(stats.get("counts", {}).get("candidates", 0)))
     for stage, n in stats.get("requests", {}).items():
@@ -125,6 +175,27 @@ def counts_table(stats: dict[str, Any], title: str) -> Table:
     if "dataset" in stats:
         t.add_row("dataset train / test", f"{stats['dataset']['train']} / {stats['dataset']['test']}")
     return t
+
+
+def evol_tables(e: dict[str, Any]) -> list[Table]:
+    """Evol-Instruct: per operation, per elimination rule, per depth."""
+    ops = Table(title=f"evolution: {e['inputs']} inputs x {e['rounds']} rounds, {e['attempts']} attempts")
+    for col in ("operation", "accepted", "eliminated", "top reasons"):
+        ops.add_column(col, justify="left" if col in ("operation", "top reasons") else "right")
+    for op, v in e["per_operation"].items():
+        top = ", ".join(f"{k} {n}" for k, n in list(v["reasons"].items())[:3])
+        ops.add_row(op, str(v["accepted"]), str(v["eliminated"]), top)
+    rules = Table(title="eliminated by the paper's rules, and by other checks")
+    rules.add_column("reason")
+    rules.add_column("count", justify="right")
+    for k, n in [*e["rules"].items(), *e["other_reasons"].items()]:
+        rules.add_row(k, str(n))
+    depth = Table(title="difficulty by evolution depth (0 = inputs)")
+    for col in ("depth", "instructions", "mean words", "mean constraint cues"):
+        depth.add_column(col, justify="right")
+    for d, v in e["per_depth"].items():
+        depth.add_row(d, str(v["n"]), str(v["instruction_words"]), str(v["constraints"]))
+    return [ops, rules, depth]
 
 
 def show_stats(run: str | Path) -> dict[str, Any]:
@@ -138,6 +209,9 @@ def show_stats(run: str | Path) -> dict[str, Any]:
         raise UserError(f"stats.json is not valid JSON: {e.msg}", path, e.lineno) from None
     console = Console()
     console.print(counts_table(stats, f"{run}: {stats.get('method')} with {stats.get('teacher')}"))
+    if stats.get("evol"):
+        for table in evol_tables(stats["evol"]):
+            console.print(table)
     d = stats.get("diversity")
     if not d:
         return stats

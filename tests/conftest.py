@@ -25,6 +25,8 @@ generate:
   instruction_sampling: {temperature: 1.0, top_p: 1.0, max_tokens: 96, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}
   instance_sampling: {temperature: 0.0, max_tokens: 96, stop: ["Task:"]}
   alpaca: {sampling: {temperature: 1.0, max_tokens: 160}}
+  evol: {rounds: 2, batch_size: 5, evolve_sampling: {temperature: 1.0, max_tokens: 48},
+         response_sampling: {temperature: 1.0, max_tokens: 64}}
 train:
   epochs: 2
   batch_size: 4
@@ -58,6 +60,16 @@ def alpaca_teacher_dir(tmp_path_factory, tokenizer) -> Path:
     model = tiny.build_model(tokenizer, hidden=96, layers=2, seed=2)
     tiny.finetune(model, tokenizer, tiny.alpaca_examples(), steps=150, batch=8, lr=5e-3)
     return tiny.save(model, tokenizer, tmp_path_factory.mktemp("alpaca_teacher"))
+
+
+@pytest.fixture(scope="session")
+def evol_teacher_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama fine-tuned (~20 s) on the Evol-Instruct prompts (with a share of the failures the
+    elimination rules catch) and on the Self-Instruct prompts, for self-instruct+evol."""
+    model = tiny.build_model(tokenizer, hidden=96, layers=2, seed=3)
+    tiny.finetune(model, tokenizer, tiny.evol_examples() + tiny.teacher_examples(n_each=60), steps=300, batch=8,
+                  lr=5e-3)
+    return tiny.save(model, tokenizer, tmp_path_factory.mktemp("evol_teacher"))
 
 
 @pytest.fixture(scope="session")

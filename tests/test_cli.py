@@ -11,7 +11,7 @@ from serve import transformers_serve
 from selfinstruct.records import read_jsonl
 
 RECORD_KEYS = {"id", "instruction", "input", "output", "method", "round", "parents", "teacher", "template",
-               "sampling", "scores"}
+               "sampling", "scores", "lineage"}
 
 
 def check_run(run, n_instructions, teacher, method="self-instruct"):
@@ -27,7 +27,7 @@ def check_run(run, n_instructions, teacher, method="self-instruct"):
         assert r["scores"]["rouge_max"] < 0.7
     stats = json.loads((run / "stats.json").read_text())
     assert stats["accepted_instructions"] == n_instructions and stats["accepted_records"] == len(records)
-    assert stats["stopped"] == "target_reached"
+    assert stats["stopped"] == "done"
     rejected = read_jsonl(run / "rejected.jsonl")
     assert stats["rejected_total"] == len(rejected)
     assert all(r["reason"] for r in rejected)

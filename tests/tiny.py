@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from selfinstruct.generate.evol import T_EQUAL, T_OPS, T_RESPONSE
 from selfinstruct.generate.self_instruct import T_CLASSIFY, T_INPUT_FIRST, T_INSTRUCTIONS, T_OUTPUT_FIRST
 from selfinstruct.prompts import render
 from selfinstruct.seeds import load_tasks
@@ -46,7 +47,7 @@ def corpus() -> list[str]:
         texts.append(task.instruction)
         texts += [i.input + "\n" + i.output for i in task.instances]
     texts += [" ".join(synthetic_task(rng)) for _ in range(500)]
-    for name in (T_INSTRUCTIONS, T_CLASSIFY, T_INPUT_FIRST, T_OUTPUT_FIRST):
+    for name in (T_INSTRUCTIONS, T_CLASSIFY, T_INPUT_FIRST, T_OUTPUT_FIRST, *T_OPS.values(), T_EQUAL):
         texts.append((ROOT / "prompts" / name).read_text())
     return texts
 
@@ -120,6 +121,33 @@ def alpaca_examples(n: int = 160, seed: int = 0) -> list[tuple[str, str]]:
             items.append(f"{head}{instruction}\n{j + 4}. Input:\n{inp if j % 2 else '<noinput>'}\n"
                          f"{j + 4}. Output:\n{output}")
         out.append((render("alpaca/prompt.jinja", num_tasks=20, demos=demos), "\n###\n".join(items)))
+    return out
+
+
+CONSTRAINTS = ["Use at least three sentences.", "Keep it under fifty words.", "Mention two colours.",
+               "Explain each step first.", "End with a question.", "Include one number."]
+
+
+def evol_examples(n: int = 300, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, ideal answer) pairs for the Evol-Instruct prompts, with a share of the failures the
+    elimination rules exist for: prompt labels copied into the rewrite, "Equal" judgements,
+    apologies and stop-word-only responses."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        parent = synthetic_task(rng)[0]
+        if rng.random() < 0.5:
+            parent += " " + rng.choice(CONSTRAINTS)
+        op = rng.choice(list(T_OPS))
+        new, _, answer = synthetic_task(rng)
+        evolved = f"{new} {rng.choice(CONSTRAINTS)}" if op != "breadth" else new
+        if rng.random() < 0.1:
+            evolved = f"#Rewritten Prompt#: {evolved}"
+        out.append((render(T_OPS[op], instruction=parent), evolved))
+        out.append((render(T_EQUAL, first=parent, second=evolved), "Equal" if rng.random() < 0.2 else "Not Equal"))
+        u = rng.random()
+        reply = "Sorry, I cannot do that." if u < 0.1 else "The, and of the." if u < 0.2 else answer
+        out.append((render(T_RESPONSE, instruction=evolved), reply))
     return out
 
 

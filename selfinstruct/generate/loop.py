@@ -54,6 +54,9 @@ class Run:
     step: int = 0
     demo_pool_size: int = 0  # machine instructions the next step's prompts may show (see self_instruct)
     stalled_requests: int = 0
+    evol_round: int = 0  # Evol-Instruct: rounds finished, and the next slot of the current round
+    evol_pos: int = 0
+    slots: list[Any] | None = None  # Evol-Instruct lineages (generate.evol.Slot), rebuilt on resume
     n_records: int = 0
     round: int = 1
     _accepted: JsonlAppender | None = None
@@ -107,7 +110,7 @@ class Run:
         """After a step's appends are fsynced: the step, counters and file sizes that belong together."""
         write_json(self.dir / "state.json", {
             "step": self.step, "stalled_requests": self.stalled_requests, "n_records": self.n_records,
-            "demo_pool_size": self.demo_pool_size,
+            "demo_pool_size": self.demo_pool_size, "evol_round": self.evol_round, "evol_pos": self.evol_pos,
             "counts": dict(self.counts), "reasons": dict(self.reasons),
             "sizes": {name: (self.dir / name).stat().st_size for name in OUTPUT_FILES}})
 
@@ -173,6 +176,7 @@ def _restore(run: Run) -> None:
         return
     run.step, run.stalled_requests = state["step"], state["stalled_requests"]
     run.demo_pool_size = state["demo_pool_size"]
+    run.evol_round, run.evol_pos = state.get("evol_round", 0), state.get("evol_pos", 0)
     run.counts, run.reasons = Counter(state["counts"]), Counter(state["reasons"])
     records = read_jsonl(run.dir / "generated.jsonl")
     run.n_records = len(records)
@@ -194,14 +198,41 @@ def pool_texts(paths: list[str]) -> list[str]:
     return texts
 
 
-def run_generate(cfg: Config) -> Path:
-    """Generate until `num_instructions` are accepted (or the teacher stalls); write stats and dataset."""
-    from selfinstruct.generate import alpaca, self_instruct
+@dataclass(frozen=True)
+class Recipe:
+    """How a method advances (`step`), when it is finished, and what its progress bar shows."""
 
-    step = {"self-instruct": self_instruct.step, "alpaca": alpaca.step}[cfg.generate.method]
+    step: Callable[[Run], None]
+    done: Callable[[Run], bool]
+    progress: Callable[[Run], tuple[str, int, int]]
+
+
+def _target_reached(run: Run) -> bool:
+    return run.accepted_instructions >= run.cfg.generate.num_instructions
+
+
+def _instructions(run: Run) -> tuple[str, int, int]:
+    return "instructions", run.accepted_instructions, run.cfg.generate.num_instructions
+
+
+def recipe(method: str) -> Recipe:
+    from selfinstruct.generate import alpaca, evol, self_instruct
+
+    return {
+        "self-instruct": Recipe(self_instruct.step, _target_reached, _instructions),
+        "alpaca": Recipe(alpaca.step, _target_reached, _instructions),
+        "evol": Recipe(evol.step, evol.done, evol.progress),
+        "self-instruct+evol": Recipe(evol.combined_step, evol.done, evol.progress),
+    }[method]
+
+
+def run_generate(cfg: Config) -> Path:
+    """Generate until the method is done (or the teacher stalls); write stats and dataset."""
+    from selfinstruct.generate.evol import input_tasks
+
     gcfg = cfg.generate
     # Everything that can fail on bad input fails before anything is written.
-    seeds = load_tasks(gcfg.seeds)
+    seeds = input_tasks(gcfg.seeds) if gcfg.method == "evol" else load_tasks(gcfg.seeds)
     extra_pool = pool_texts(gcfg.dedup_against)  # read now: a bad file fails before anything is written
     out = Path(gcfg.out) if gcfg.out else default_run_dir(gcfg.method)
     check_run_dir(out, gcfg.resume)
@@ -215,27 +246,29 @@ def run_generate(cfg: Config) -> Path:
         make_run_dir(out)
         cfg.generate.out = str(out)
         write_atomic(out / "config.yaml", dump_yaml(cfg))
-        return _generate(Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds, extra_pool=extra_pool), step)
+        return _generate(Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds, extra_pool=extra_pool),
+                         recipe(gcfg.method))
 
 
-def _generate(run: Run, step: Callable[[Run], None]) -> Path:
+def _generate(run: Run, how: Recipe) -> Path:
     gcfg = run.cfg.generate
     _restore(run)
     run.open()
     started = time.monotonic()
-    stopped = "target_reached"
+    stopped = "done"
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task("instructions", total=gcfg.num_instructions,
-                                completed=run.accepted_instructions, info="")
-            while run.accepted_instructions < gcfg.num_instructions:
+            what, completed, total = how.progress(run)
+            task = bar.add_task(what, total=total, completed=completed, info="")
+            while not how.done(run):
                 if run.stalled_requests >= gcfg.max_stalled_requests:
                     stopped = "stalled"
                     break
-                step(run)
+                how.step(run)
                 run.checkpoint()
-                bar.update(task, completed=run.accepted_instructions,
+                what, completed, total = how.progress(run)
+                bar.update(task, description=what, completed=completed, total=total,
                            info=f"{run.n_records} records · {sum(run.reasons.values())} rejected")
     finally:
         run.close()
@@ -269,7 +302,7 @@ def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
         "teacher": run.teacher.name,
         "stopped": stopped,
         "seed_tasks": len(run.seeds),
-        "target_instructions": run.cfg.generate.num_instructions,
+        "target_instructions": None if run.cfg.generate.method == "evol" else run.cfg.generate.num_instructions,
         "accepted_instructions": len({r["instruction"] for r in records}),
         "accepted_records": len(records),
         "requests": {k.removeprefix("requests/"): v for k, v in run.counts.items() if k.startswith("requests/")},
@@ -280,6 +313,12 @@ def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
         "steps": run.step,
         "elapsed_s": round(elapsed, 2),
     }
+    if "evol" in run.cfg.generate.method:
+        from selfinstruct.generate.evol import ensure_slots
+        from selfinstruct.stats import evol_stats
+
+        stats["evol"] = evol_stats(records, read_jsonl(run.dir / "rejected.jsonl"),
+                                   [s.root for s in ensure_slots(run)], run.cfg.generate.evol.rounds)
     stats["diversity"] = diversity(records, [s.instruction for s in run.seeds])
     stats["dataset"] = save_dataset(records, run.dir / "dataset", run.cfg.generate.test_size,
                                     run.cfg.generate.seed)

@@ -53,6 +53,21 @@ def parse_yes_no(text: str) -> bool | None:
     return {"yes": True, "no": False}.get(word.group(1).lower())
 
 
+_NOT_EQUAL = re.compile(r"\b(not\s+equal|unequal|not\s+the\s+same|different)\b")
+_EQUAL = re.compile(r"\b(equal|the\s+same|identical)\b")
+
+
+def parse_equal(text: str) -> bool | None:
+    """Evol-Instruct rule 1's judgement: True for "Equal", False for "Not Equal", None when unclear.
+    The first verdict in the text counts ("Not equal. They are not the same" is False; markdown,
+    case and punctuation are ignored)."""
+    low = re.sub(r"[*_#`]", "", text.lower())
+    neg, pos = _NOT_EQUAL.search(low), _EQUAL.search(low)
+    if neg and (not pos or neg.start() <= pos.start()):
+        return False
+    return True if pos else None
+
+
 def parse_instances(text: str, classification: bool) -> list[Instance]:
     """Instances from an input-first ('Example k / Input: / Output:') or output-first
     ('Class label: / Input:') completion. Prose before the first example is ignored."""

@@ -1,0 +1,262 @@
+"""Evol-Instruct (Xu et al., 2023, arXiv 2304.12244): in-depth and in-breadth evolution over M
+rounds, with all four of the paper's elimination rules.
+
+    step(run)   # one batch of one evolution round; loop.run_generate calls it until all rounds ran
+
+Inputs: every distinct instruction of --seeds (any seed format, or a generate run's accepted
+records), or, for self-instruct+evol, the instructions the Self-Instruct phase accepted. An input
+with an Alpaca-style `input` is evolved as one text (instruction, blank line, input).
+
+Each input owns a slot whose head is the newest instruction of its lineage. In every round each
+slot gets one operation, drawn from `evol.weights` with an RNG seeded by (run seed, round, slot),
+so the draw depends on neither batching nor resumes. A batch of slots:
+1. rewrite: the operation's template -> teacher -> the evolved instruction;
+2. cheap checks, before any more teacher calls: truncated or empty, rule 4 (it copies words of the
+   evolution prompt), unchanged text (rule 1 without asking), the instruction filters, and ROUGE-L
+   against the pool -- leaving out the slot's own lineage, since in-depth evolution is meant to
+   stay close to its parent (rule 1 judges that) -- so near-copies of anything else are dropped;
+3. one teacher call for all survivors: rule 1's Equal / Not Equal judgement against the parent,
+   and the response to the evolved instruction;
+4. rules 1-3 on the answers ("Equal"; "sorry" in a response under 80 words; a response of only
+   punctuation and stop words). A survivor becomes a record and its slot's new head; an eliminated
+   candidate leaves the ROUGE-L pool again (it is not in the dataset, so it blocks nothing).
+A failed evolution leaves its slot as it was, so the parent goes back to the pool and is evolved
+again next round with a fresh draw. Every elimination is written to rejected.jsonl with its
+reason, operation, slot and round (rounds count from 1 in records and rejections). An unclear
+judgement counts as "Not Equal" (counted as equality_unclear).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfinstruct.config import EVOL_OPERATIONS, Config, EvolWeights
+from selfinstruct.dedup import normalise
+from selfinstruct.filters import check_evolved_response, check_instruction, copies_prompt_words
+from selfinstruct.generate.loop import Run
+from selfinstruct.generate.parse import parse_equal
+from selfinstruct.generate.self_instruct import public, seeded
+from selfinstruct.prompts import render, template_id
+from selfinstruct.records import Record, read_jsonl, user_turn
+from selfinstruct.seeds import Instance, SeedTask, load_tasks
+from selfinstruct.teacher import Request
+
+T_OPS = {op: f"evol/{op}.jinja" for op in EVOL_OPERATIONS}
+T_EQUAL = "evol/equal.jinja"
+T_RESPONSE = "evol/response.jinja"
+# The paper's elimination rules, by the reason names rejected.jsonl and stats.json use.
+RULES = {"no_information_gain": 1, "sorry_short_response": 2, "stopwords_only_response": 3,
+         "copies_prompt_words": 4}
+
+
+@dataclass
+class Slot:
+    """One input's lineage. `ids`: the input's id, then each accepted evolution's (the last is the head)."""
+
+    ids: list[str]
+    root: str  # the input as first evolved (instruction + input)
+    text: str  # the head, as it is sent for evolution
+    ops: list[str] = field(default_factory=list)  # operation of each step; len = depth of the head
+    texts: list[str] = field(default_factory=list)  # pool texts of the lineage (left out of ROUGE-L)
+
+    def advance(self, record_id: str, op: str, text: str) -> None:
+        self.ids.append(record_id)
+        self.ops.append(op)
+        self.texts.append(text)
+        self.text = text
+
+
+def choose_operation(weights: EvolWeights, rng: random.Random) -> str:
+    return rng.choices(EVOL_OPERATIONS, weights=[getattr(weights, op) for op in EVOL_OPERATIONS])[0]
+
+
+def operation_for(cfg: Config, evol_round: int, slot: int) -> str:
+    """The operation slot `slot` gets in round `evol_round` (0-based): reproducible from the run seed."""
+    rng = random.Random(f"{cfg.generate.seed}-evol-op-{evol_round}-{slot}")
+    return choose_operation(cfg.generate.evol.weights, rng)
+
+
+def input_tasks(path: str | Path) -> list[SeedTask]:
+    """What `--method evol` evolves: a generate run's accepted records, or any seed file or directory."""
+    p = Path(path)
+    if p.is_dir() and (p / "generated.jsonl").exists():
+        p = p / "generated.jsonl"
+    return load_tasks(p)
+
+
+def make_slots(cfg: Config, tasks: list[SeedTask]) -> list[Slot]:
+    """One slot per distinct instruction (with its first instance's input); a seeded sample of
+    `evol.max_inputs` of them when set."""
+    first: dict[str, SeedTask] = {}
+    for t in tasks:
+        first.setdefault(t.instruction, t)
+    unique = list(first.values())
+    m = cfg.generate.evol.max_inputs
+    if m is not None and m < len(unique):
+        picked = sorted(random.Random(f"{cfg.generate.seed}-evol-inputs").sample(range(len(unique)), m))
+        unique = [unique[i] for i in picked]
+    slots = []
+    for t in unique:
+        text = user_turn(t.instruction, t.instances[0].input if t.instances else "")
+        slots.append(Slot(ids=[t.id], root=text, text=text, texts=[t.instruction]))
+    return slots
+
+
+def ensure_slots(run: Run) -> list[Slot]:
+    """The slots, rebuilt from the inputs and the evolutions already in generated.jsonl (on resume)."""
+    if run.slots is not None:
+        return run.slots
+    records = read_jsonl(run.dir / "generated.jsonl") if (run.dir / "generated.jsonl").exists() else []
+    if run.cfg.generate.method == "evol":
+        tasks = run.seeds
+    else:  # self-instruct+evol: what the Self-Instruct phase accepted
+        tasks = [SeedTask(id=r["id"], instruction=r["instruction"], instances=[Instance(r["input"], r["output"])])
+                 for r in records if not r["method"].startswith("evol:")]
+    run.slots = make_slots(run.cfg, tasks)
+    for r in records:
+        if r["method"].startswith("evol:"):
+            run.slots[r["lineage"]["slot"]].advance(r["id"], r["lineage"]["operations"][-1], r["instruction"])
+    return run.slots
+
+
+def rewrite_requests(run: Run, evol_round: int, start: int, end: int) -> tuple[list[Request], list[str]]:
+    """The rewrite requests of slots [start, end) in one round, and their operations."""
+    ecfg = run.cfg.generate.evol
+    rng = random.Random(f"{run.cfg.generate.seed}-evol-{evol_round}-{start}")
+    ops = [operation_for(run.cfg, evol_round, k) for k in range(start, end)]
+    requests = [Request(render(T_OPS[op], instruction=run.slots[k].text), seeded(ecfg.evolve_sampling, rng))
+                for k, op in zip(range(start, end), ops, strict=True)]
+    return requests, ops
+
+
+def screen(run: Run, slot: Slot, text: str, truncated: bool) -> tuple[str, dict[str, Any]]:
+    """The checks that need no teacher; '' when the evolution passes (and then joins the pool)."""
+    ecfg = run.cfg.generate.evol
+    if truncated:
+        return "truncated_evolution", {}
+    if not text:
+        return "empty_evolution", {}
+    if copies_prompt_words(text, ecfg.copy_phrases):
+        return "copies_prompt_words", {}
+    if normalise(text) == normalise(slot.text):
+        return "no_information_gain", {}
+    ok, reason = check_instruction(text, run.cfg.filters)
+    if not ok:
+        return reason, {}
+    lineage = {run.pool.first_index[t] for t in slot.texts if t in run.pool.first_index}
+    score, j = run.pool.best(text, lineage)
+    extra = {"rouge_max": round(score, 4), "nearest": run.pool.texts[j] if j >= 0 else ""}
+    if score >= run.cfg.filters.rouge_threshold:
+        return "rouge_similar", extra
+    extra["pool_index"] = len(run.pool)
+    run.pool.add(text)
+    return "", extra
+
+
+def step(run: Run) -> None:
+    ecfg, seed = run.cfg.generate.evol, run.cfg.generate.seed
+    slots = ensure_slots(run)
+    if not slots:
+        run.evol_round = ecfg.rounds
+        return
+    r, start = run.evol_round, run.evol_pos
+    end = min(start + ecfg.batch_size, len(slots))
+    requests, ops = rewrite_requests(run, r, start, end)
+    # The next batch of the same round rewrites other slots, so it can be in flight already.
+    run.prefetch(run.step, requests)
+    if end < len(slots):
+        run.prefetch(run.step + 1, rewrite_requests(run, r, end, min(end + ecfg.batch_size, len(slots)))[0])
+    outs = run.fetch(run.step, requests)
+    run.step += 1
+    run.counts["requests/evolve"] += len(requests)
+    run.counts["candidates"] += len(requests)
+
+    rejected: list[dict[str, Any]] = []
+    cands: list[tuple[int, str, str, dict[str, Any]]] = []
+    for k, op, out in zip(range(start, end), ops, outs, strict=True):
+        c = out[0]
+        text = c.text.strip()
+        reason, extra = screen(run, slots[k], text, c.finish_reason == "length")
+        if reason:
+            rejected.append({"stage": "evol", "reason": reason, "operation": op, "evol_round": r + 1, "slot": k,
+                             "parent": slots[k].ids[-1], "instruction": text, **extra})
+        else:
+            cands.append((k, op, text, extra))
+
+    rng = random.Random(f"{seed}-evol-{r}-{start}-answers")
+    asks = [Request(render(T_EQUAL, first=slots[k].text, second=text), seeded(ecfg.equality_sampling, rng))
+            for k, _, text, _ in cands]
+    asks += [Request(render(T_RESPONSE, instruction=text), seeded(ecfg.response_sampling, rng))
+             for _, _, text, _ in cands]
+    answers = run.teacher.generate(asks) if asks else []
+    run.counts["requests/equality"] += len(cands)
+    run.counts["requests/response"] += len(cands)
+
+    records: list[Record] = []
+    sampling = {"evolve": public(ecfg.evolve_sampling), "response": public(ecfg.response_sampling)}
+    t_response = template_id(T_RESPONSE)
+    for (k, op, text, extra), judged, resp in zip(cands, answers[:len(cands)], answers[len(cands):], strict=True):
+        slot, c = slots[k], resp[0]
+        equal = parse_equal(judged[0].text)
+        if equal is None:
+            run.counts["equality_unclear"] += 1
+        reason = ""
+        if equal:
+            reason = "no_information_gain"
+        elif c.finish_reason == "length":
+            reason = "truncated_response"
+        else:
+            reason = check_evolved_response(c.text, ecfg.sorry_max_words)[1]
+        if reason:  # not in the dataset, so it no longer blocks near-copies (a retry may pass)
+            run.pool.retire(extra["pool_index"])
+            rejected.append({"stage": "evol", "reason": reason, "operation": op, "evol_round": r + 1, "slot": k,
+                             "parent": slot.ids[-1], "instruction": text, "response": c.text[:2000],
+                             "judgement": judged[0].text[:200]})
+            continue
+        rec = Record(
+            id=run.next_id(), instruction=text, output=c.text.strip(), method=f"evol:{op}", round=run.round,
+            parents=[slot.ids[-1]], teacher=run.teacher.name, template=f"{template_id(T_OPS[op])}+{t_response}",
+            sampling=sampling, scores={"rouge_max": extra["rouge_max"], "judged_equal": equal},
+            lineage={"depth": len(slot.ops) + 1, "operations": [*slot.ops, op], "chain": list(slot.ids),
+                     "slot": k, "evol_round": r + 1})
+        records.append(rec)
+        slot.advance(rec.id, op, text)
+        run.machine.append((text, rec.id))
+    run.counts["evolved"] += len(records)
+    run.accept(records)
+    run.reject(rejected)
+    run.evol_pos = end
+    if end >= len(slots):
+        run.evol_round, run.evol_pos = r + 1, 0
+
+
+def _breadth_phase(run: Run) -> bool:
+    """self-instruct+evol, still generating: Self-Instruct until num_instructions are accepted."""
+    return run.cfg.generate.method == "self-instruct+evol" and run.slots is None \
+        and run.accepted_instructions < run.cfg.generate.num_instructions
+
+
+def done(run: Run) -> bool:
+    return not _breadth_phase(run) and run.evol_round >= run.cfg.generate.evol.rounds
+
+
+def progress(run: Run) -> tuple[str, int, int]:
+    """(what, done, total) for the progress bar."""
+    gcfg = run.cfg.generate
+    if _breadth_phase(run):
+        return "instructions", run.accepted_instructions, gcfg.num_instructions
+    n = len(ensure_slots(run))
+    return "evolutions", run.evol_round * n + run.evol_pos, gcfg.evol.rounds * n
+
+
+def combined_step(run: Run) -> None:
+    """self-instruct+evol: Self-Instruct until num_instructions are accepted, then evolve them."""
+    from selfinstruct.generate import self_instruct
+
+    if _breadth_phase(run):
+        self_instruct.step(run)
+    else:
+        step(run)
