@@ -54,6 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
     g.set_defaults(func=cmd_generate)
 
+    r = sub.add_parser("run", help="Rounds of generate -> train -> evaluate; re-run the same command to resume.")
+    _flag(r, "--seeds", "generate.seeds", metavar="PATH")
+    _flag(r, "--rounds", "rounds.rounds", type=int, metavar="N")
+    _flag(r, "--method", "generate.method", choices=METHODS)
+    _flag(r, "--teacher", "teacher.model", metavar="MODEL")
+    _flag(r, "--student", "train.student", metavar="MODEL")
+    _flag(r, "--backend", "teacher.backend", choices=["auto", "vllm", "openai", "transformers"])
+    r.add_argument("--base-url", dest="teacher.base_urls", action="append", default=None, metavar="URL",
+                   help=field_help("teacher.base_urls") + " Repeat for several servers.")
+    _flag(r, "--num-instructions", "generate.num_instructions", type=int, metavar="N")
+    _flag(r, "--generator", "rounds.generator", choices=["teacher", "student"])
+    _flag(r, "--train-from", "rounds.train_from", choices=["base", "previous"])
+    _flag(r, "--heldout", "eval.heldout", metavar="PATH")
+    _flag(r, "--judge", "eval.judge", metavar="MODEL")
+    _flag(r, "--out", "rounds.out", metavar="DIR")
+    _flag(r, "--seed", "generate.seed", type=int, metavar="S")
+    r.add_argument("--no-cache", dest="no_cache", action="store_true",
+                   help="Neither read nor write the response cache (teacher.cache).")
+    r.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="Evaluate a run's students on held-out instructions (judge, win rate, loss).")
+    e.add_argument("run", metavar="RUN_DIR", help="A `selfinstruct run` directory.")
+    _flag(e, "--heldout", "eval.heldout", metavar="PATH")
+    _flag(e, "--judge", "eval.judge", metavar="MODEL")
+    e.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
+    e.set_defaults(func=cmd_eval)
+
     t = sub.add_parser("train", help="LoRA-tune a student on generated (or any supported) data.")
     _flag(t, "--data", "train.data", metavar="PATH")
     _flag(t, "--student", "train.student", metavar="MODEL")
@@ -107,6 +135,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cfg = _config(args, out if getattr(args, "generate.resume") else None)
     out = run_generate(cfg)
     console.print(f"[green]done:[/] {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from selfinstruct.rounds import run_rounds
+
+    out = run_rounds(_config(args, getattr(args, "rounds.out")))  # an existing run continues with its config
+    console.print(f"[green]done:[/] {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from selfinstruct.rounds import evaluate_run
+
+    if not (Path(args.run) / "config.yaml").exists():
+        raise UserError("not a `selfinstruct run` directory (no config.yaml)", args.run)
+    evaluate_run(_config(args, args.run), Path(args.run))
     return 0
 
 

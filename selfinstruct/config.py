@@ -276,6 +276,8 @@ class TrainConfig:
                               "rounds, a general dataset).")
     mix_fraction: float = opt(0.0, "Mixed-in examples, as a fraction of the training split (drawn with the seed).")
     merge: bool = opt(False, "Also write a merged full model to <out>/merged (servable without LoRA support).")
+    init_adapter: str | None = opt(None, "Continue training this LoRA adapter instead of starting a fresh one "
+                                   "(rounds with train_from: previous).")
     logging_steps: int = opt(10, "Log loss every N steps.")
     save_steps: int = opt(200, "Checkpoint every N steps (for --resume).")
     seed: int = opt(42, "Seed of initialisation, shuffling and dropout.")
@@ -296,11 +298,49 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    heldout: str = opt("heldout", "Held-out tasks (any seed format): instructions no round generates from or "
+                       "trains on; their reference outputs give the held-out loss.")
+    max_items: int | None = opt(None, "Evaluate on the first N held-out tasks only.")
+    judge: str | None = opt(None, "Judge model (run like the teacher: same backend and servers); default the teacher.")
+    backend: str = opt("auto", "Where students run (eval, and as generators): auto (vllm when usable, else "
+                       "transformers + PEFT), vllm (LoRARequest), transformers, or openai (teacher.base_urls run "
+                       "`vllm serve --enable-lora`; adapters are loaded at runtime).",
+                       ("auto", "vllm", "transformers", "openai"))
+    response_sampling: Sampling = opt(Sampling(temperature=0.0, max_tokens=512),
+                                      "Sampling for the students' held-out responses (greedy).")
+    judge_sampling: Sampling = opt(Sampling(temperature=0.0, max_tokens=16),
+                                   "Sampling for the judge's verdict ([[A]], [[B]] or [[C]] for a tie).")
+
+    def __post_init__(self) -> None:
+        _require(self.max_items is None or self.max_items >= 1, "max_items", "must be >= 1")
+
+
+@dataclass
+class RoundsConfig:
+    rounds: int = opt(2, "Rounds of generate -> train -> evaluate.")
+    out: str | None = opt(None, "Run directory; default outputs/<date>-<time>-rounds. Re-running the command on it "
+                          "skips finished stages and resumes an interrupted one.")
+    generator: str = opt("teacher", "Who generates from round 2 on: the teacher, or the previous round's student "
+                         "(base + adapter: true self-instruct).", ("teacher", "student"))
+    train_from: str = opt("base", "base: every round trains a fresh adapter on the base student with all data so "
+                          "far; previous: continue the previous round's adapter on this round's data.",
+                          ("base", "previous"))
+    evaluate: bool = opt(True, "Evaluate every round: win rates against the base and the previous round, "
+                         "held-out loss.")
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "rounds", "must be >= 1")
+
+
+@dataclass
 class Config:
     teacher: TeacherConfig = opt(TeacherConfig(), "The teacher model and where it runs.")
     generate: GenerateConfig = opt(GenerateConfig(), "Data generation.")
     filters: FilterConfig = opt(FilterConfig(), "Filters applied to generated instructions.")
     train: TrainConfig = opt(TrainConfig(), "LoRA supervised fine-tuning of the student.")
+    eval: EvalConfig = opt(EvalConfig(), "Held-out evaluation of students (selfinstruct eval, and each round).")
+    rounds: RoundsConfig = opt(RoundsConfig(), "selfinstruct run: rounds of generation and tuning.")
 
 
 # ---------------------------------------------------------------- loading
@@ -353,7 +393,8 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError("the config must be a mapping of sections (teacher, generate, filters, train)", path, 1)
+        raise UserError("the config must be a mapping of sections (teacher, generate, filters, train, eval, "
+                        "rounds)", path, 1)
     return data, lines
 
 

@@ -14,6 +14,7 @@ TRL's SFTTrainer, which uses them as they are.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import random
 import time
@@ -164,7 +165,27 @@ def load_student(cfg: Config, packing: str) -> tuple[Any, Any]:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
+    if tcfg.init_adapter:  # continue an earlier adapter (its own LoRA settings) rather than a fresh one
+        from peft import PeftModel
+
+        if not (Path(tcfg.init_adapter) / "adapter_config.json").exists():
+            raise UserError("train.init_adapter is not a LoRA adapter directory", tcfg.init_adapter)
+        model = PeftModel.from_pretrained(model, tcfg.init_adapter, is_trainable=True)
     return model, tok
+
+
+def last_complete_checkpoint(d: Path) -> Path | None:
+    """The newest Trainer checkpoint that was fully written (a process killed while saving leaves one
+    without trainer_state.json, which the Trainer writes last); None when there is none."""
+    steps = []
+    for c in d.glob("checkpoint-*"):
+        if c.name.removeprefix("checkpoint-").isdigit() and (c / "trainer_state.json").exists():
+            try:  # killed while writing it: cut short
+                json.loads((c / "trainer_state.json").read_text(encoding="utf-8"))
+            except (ValueError, OSError):
+                continue
+            steps.append((int(c.name.removeprefix("checkpoint-")), c))
+    return max(steps)[1] if steps else None
 
 
 def padding_fraction(trainer: Any, train_ds: datasets.Dataset) -> float:
@@ -239,12 +260,13 @@ def run_train(cfg: Config, callbacks: list[Any] | None = None) -> Path:
     )
     model.train()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, peft_config=lora_config(tcfg), data_collator=collator,
+                         processing_class=tok, peft_config=None if tcfg.init_adapter else lora_config(tcfg),
+                         data_collator=collator,
                          callbacks=[RichProgress(trained_tokens * tcfg.epochs, console), *(callbacks or [])])
     waste = padding_fraction(trainer, train_ds)
-    resume = tcfg.resume and any((out / "checkpoints").glob("checkpoint-*"))
+    resume = last_complete_checkpoint(out / "checkpoints") if tcfg.resume else None
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     elapsed = time.monotonic() - started
     eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
 

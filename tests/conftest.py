@@ -73,6 +73,14 @@ def evol_teacher_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def judge_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama fine-tuned (~10 s) to answer the pairwise judge prompt with [[A]] / [[B]] / [[C]]."""
+    model = tiny.build_model(tokenizer, hidden=64, layers=2, seed=4)
+    tiny.finetune(model, tokenizer, tiny.judge_examples(), steps=120, batch=8, lr=5e-3)
+    return tiny.save(model, tokenizer, tmp_path_factory.mktemp("judge"))
+
+
+@pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory, tokenizer) -> Path:
     """An untrained tiny model: a garbage teacher, or a student to tune."""
     return tiny.save(tiny.build_model(tokenizer, hidden=64, layers=2, seed=1), tokenizer,

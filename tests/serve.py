@@ -64,10 +64,15 @@ def transformers_serve(model: Path, log: Path, timeout: float = 120) -> Iterator
 class FaultyProxy:
     """A local HTTP proxy in front of a real server that misbehaves for some requests, by count:
     every `every_429`-th answers 429 (Retry-After: 0.2), every `every_500`-th 500, every
-    `every_hang`-th hangs for `hang_s` seconds. Runs uvicorn in a thread on 127.0.0.1."""
+    `every_hang`-th hangs for `hang_s` seconds. Runs uvicorn in a thread on 127.0.0.1.
+    With `lora_base`, it also plays vLLM's runtime LoRA API in front of a server that has none:
+    POST /v1/load_lora_adapter registers {lora_name, lora_path} (`refuse_lora`: answers 404 as a
+    server without --enable-lora does); a request naming a registered adapter is forwarded with
+    the base model's name, one naming an unknown model gets 404."""
 
     def __init__(self, upstream: str, every_429: int = 4, every_500: int = 5, every_hang: int = 7,
-                 hang_s: float = 5.0, reject_response_format: bool = False):
+                 hang_s: float = 5.0, reject_response_format: bool = False, lora_base: str | None = None,
+                 refuse_lora: bool = False):
         import asyncio
         import threading
 
@@ -79,12 +84,26 @@ class FaultyProxy:
 
         self.upstream = upstream.rstrip("/")
         self.seen = 0
-        self.faults = {"429": 0, "500": 0, "hang": 0, "forwarded": 0}
+        self.faults = {"429": 0, "500": 0, "hang": 0, "forwarded": 0, "lora": 0}
+        self.loaded: list[dict] = []
 
         async def handle(request: Request) -> Response:
             self.seen += 1
             n = self.seen
             body = await request.body()
+            if lora_base is not None:
+                import json
+
+                if request.url.path.endswith("/load_lora_adapter"):
+                    if refuse_lora:
+                        return Response('{"detail": "Not Found"}', status_code=404)
+                    self.loaded.append(json.loads(body))
+                    return Response("Success: LoRA adapter loaded", status_code=200)
+                req = json.loads(body)
+                if req["model"] not in {a["lora_name"] for a in self.loaded}:
+                    return Response('{"error": "model does not exist"}', status_code=404)
+                self.faults["lora"] += 1
+                body = json.dumps({**req, "model": lora_base}).encode()
             if reject_response_format and b"response_format" in body:
                 self.faults["response_format"] = self.faults.get("response_format", 0) + 1
                 return Response('{"detail": "response_format is not supported"}', status_code=400)

@@ -14,8 +14,9 @@ from conftest import ROOT, cli
 from serve import SERVERS, FaultyProxy, answers, free_port, transformers_serve
 
 from selfinstruct.config import Sampling, TeacherConfig
+from selfinstruct.errors import TeacherError
 from selfinstruct.records import read_jsonl
-from selfinstruct.teacher import Request
+from selfinstruct.teacher import Request, make_teacher
 from selfinstruct.teacher.cache import CachedTeacher, ResponseCache, cache_key
 from selfinstruct.teacher.hf import HFTeacher
 from selfinstruct.teacher.openai import OpenAITeacher, retry_after
@@ -262,3 +263,38 @@ def test_response_format_fallback(teacher_dir, tmp_path):
         t.close()
     assert t.stats["fallback_response_format"] == 1 and t.endpoints[0].rejects_response_format
     assert t.stats["sent"] == t.stats["ok"] + t.stats["retried_4xx_response_format"]
+
+
+def test_openai_student_adapter_is_loaded_at_runtime(teacher_dir, tmp_path):
+    """vllm serve --enable-lora's runtime API, as our client uses it: the adapter is loaded once per
+    server, then requested by its name; a server that refuses it ends with a clear message."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from selfinstruct.teacher.base import adapter_name
+
+    adapter = tmp_path / "round-1" / "train" / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(teacher_dir), LoraConfig(r=4, target_modules=["q_proj"])) \
+        .save_pretrained(adapter)
+    quiet = {"every_429": 10**9, "every_500": 10**9, "every_hang": 10**9}
+    req = Request("Write a haiku about tea.", Sampling(max_tokens=8))
+    with transformers_serve(teacher_dir, tmp_path / "s.log") as url:
+        with FaultyProxy(url, lora_base=str(teacher_dir), **quiet) as proxy:
+            t = make_teacher(TeacherConfig(backend="openai", model=str(teacher_dir), base_urls=[proxy.url],
+                                           lora_path=str(adapter), cache=None))
+            try:
+                assert len(t.generate([req, req])) == 2 and len(t.generate([req])) == 1
+            finally:
+                t.close()
+            name = adapter_name(str(adapter))
+            assert name.startswith("round-1-train-") and t.name == f"{teacher_dir}+{name}"
+            assert proxy.loaded == [{"lora_name": name, "lora_path": str(adapter.resolve())}]  # once
+            assert proxy.faults["lora"] == 3
+        with FaultyProxy(url, lora_base=str(teacher_dir), refuse_lora=True, **quiet) as proxy:
+            t = make_teacher(TeacherConfig(backend="openai", model=str(teacher_dir), base_urls=[proxy.url],
+                                           lora_path=str(adapter), cache=None))
+            try:
+                with pytest.raises(TeacherError, match="--enable-lora"):
+                    t.generate([req])
+            finally:
+                t.close()

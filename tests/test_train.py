@@ -228,3 +228,20 @@ def test_qlora_without_cuda_is_refused_clearly(random_model_dir, tmp_path):
     r = cli("train", "--data", data, "--student", random_model_dir, "--out", tmp_path / "t", "--config", cfg)
     assert r.returncode == 2 and "train.qlora needs a CUDA GPU and bitsandbytes" in r.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_init_adapter_continues_training(random_model_dir, tmp_path):
+    """rounds.train_from: previous -- the second run starts from the first run's adapter weights."""
+    data = alpaca_file(tmp_path / "a.json", 16)
+    first = run_train(small_cfg(data, random_model_dir, tmp_path / "first", epochs=2, learning_rate=1e-2))
+    cont = run_train(small_cfg(data, random_model_dir, tmp_path / "cont", epochs=1, learning_rate=1e-2,
+                               init_adapter=str(first / "adapter"), lora_r=4))  # r comes from the adapter
+    fresh = run_train(small_cfg(data, random_model_dir, tmp_path / "fresh", epochs=1, learning_rate=1e-2))
+    loss = {k: json.loads((d / "metrics.json").read_text())["log_history"][0]["loss"]
+            for k, d in (("cont", cont), ("fresh", fresh), ("first", first))}
+    assert loss["cont"] < loss["fresh"] == pytest.approx(loss["first"])  # it starts where the first run ended
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(cont / "adapter").r == 16
+    with pytest.raises(UserError, match="not a LoRA adapter"):
+        run_train(small_cfg(data, random_model_dir, tmp_path / "bad", init_adapter=str(tmp_path)))

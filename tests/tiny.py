@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from selfinstruct.evaluate import T_JUDGE
 from selfinstruct.generate.evol import T_EQUAL, T_OPS, T_RESPONSE
 from selfinstruct.generate.self_instruct import T_CLASSIFY, T_INPUT_FIRST, T_INSTRUCTIONS, T_OUTPUT_FIRST
 from selfinstruct.prompts import render
@@ -47,7 +48,7 @@ def corpus() -> list[str]:
         texts.append(task.instruction)
         texts += [i.input + "\n" + i.output for i in task.instances]
     texts += [" ".join(synthetic_task(rng)) for _ in range(500)]
-    for name in (T_INSTRUCTIONS, T_CLASSIFY, T_INPUT_FIRST, T_OUTPUT_FIRST, *T_OPS.values(), T_EQUAL):
+    for name in (T_INSTRUCTIONS, T_CLASSIFY, T_INPUT_FIRST, T_OUTPUT_FIRST, *T_OPS.values(), T_EQUAL, T_JUDGE):
         texts.append((ROOT / "prompts" / name).read_text())
     return texts
 
@@ -148,6 +149,22 @@ def evol_examples(n: int = 300, seed: int = 0) -> list[tuple[str, str]]:
         u = rng.random()
         reply = "Sorry, I cannot do that." if u < 0.1 else "The, and of the." if u < 0.2 else answer
         out.append((render(T_RESPONSE, instruction=evolved), reply))
+    return out
+
+
+def judge_examples(n: int = 300, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, verdict) pairs for the pairwise judge prompt: the longer response wins (a tie when
+    equally long), so the tiny judge's verdicts are parseable and depend on the responses."""
+    rng = random.Random(seed)
+    heldout = load_tasks(ROOT / "heldout")
+    out = []
+    for _ in range(n):
+        task = rng.choice(heldout)
+        a, b = (synthetic_task(rng)[2][: rng.randrange(5, 60)] for _ in range(2))
+        if rng.random() < 0.1:
+            b = a
+        verdict = "[[C]]" if len(a) == len(b) else "[[A]]" if len(a) > len(b) else "[[B]]"
+        out.append((render(T_JUDGE, instruction=task.instruction, answer_a=a, answer_b=b), verdict))
     return out
 
 

@@ -226,8 +226,9 @@ def recipe(method: str) -> Recipe:
     }[method]
 
 
-def run_generate(cfg: Config) -> Path:
-    """Generate until the method is done (or the teacher stalls); write stats and dataset."""
+def run_generate(cfg: Config, round_no: int = 1) -> Path:
+    """Generate until the method is done (or the teacher stalls); write stats and dataset. Records of
+    round `round_no` (selfinstruct run) carry it, and ids r<round>-NNNNNN."""
     from selfinstruct.generate.evol import input_tasks
 
     gcfg = cfg.generate
@@ -246,8 +247,8 @@ def run_generate(cfg: Config) -> Path:
         make_run_dir(out)
         cfg.generate.out = str(out)
         write_atomic(out / "config.yaml", dump_yaml(cfg))
-        return _generate(Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds, extra_pool=extra_pool),
-                         recipe(gcfg.method))
+        return _generate(Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds, extra_pool=extra_pool,
+                             round=round_no), recipe(gcfg.method))
 
 
 def _generate(run: Run, how: Recipe) -> Path:

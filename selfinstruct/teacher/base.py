@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -52,6 +53,25 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Cut `text` before the earliest stop string (servers differ in whether they do it themselves)."""
     hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
     return (text[: min(hits)], True) if hits else (text, False)
+
+
+def adapter_name(lora_path: str) -> str:
+    """A LoRA adapter's identity: its directory name and a hash of its weights and config, so a
+    retrained adapter at the same path is a different model to the response cache."""
+    p = Path(lora_path)
+    files = [f for f in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin") if (p / f).exists()]
+    if "adapter_config.json" not in files:
+        raise UserError("not a LoRA adapter directory (no adapter_config.json)", p)
+    h = hashlib.sha256()
+    for f in files:
+        h.update((p / f).read_bytes())
+    where = "-".join(p.resolve().parts[-3:-1]) if p.name == "adapter" else p.name  # e.g. round-1-train
+    return f"{where}-{h.hexdigest()[:10]}"
+
+
+def teacher_name(cfg: TeacherConfig) -> str:
+    """The name records and the cache know a generator by: the model, plus the adapter if any."""
+    return f"{cfg.model}+{adapter_name(cfg.lora_path)}" if cfg.lora_path else cfg.model
 
 
 def make_teacher(cfg: TeacherConfig) -> Teacher:

@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.modeling import load_model_and_tokenizer
-from selfinstruct.teacher.base import Completion, Request, cut_at_stop, use_chat
+from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, use_chat
 
 
 class _Penalties(LogitsProcessor):
@@ -34,9 +35,16 @@ class HFTeacher:
 
     def __init__(self, cfg: TeacherConfig):
         self.cfg = cfg
-        self.name = cfg.model
+        self.name = teacher_name(cfg)
         self.model, self.tok = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype,
                                                         cfg.trust_remote_code, "teacher")
+        if cfg.lora_path:  # a student: base + LoRA, prompted with the chat template it was trained with
+            from peft import PeftModel
+            from transformers import AutoTokenizer
+
+            self.model = PeftModel.from_pretrained(self.model, cfg.lora_path).eval()
+            if (Path(cfg.lora_path) / "tokenizer_config.json").exists():
+                self.tok = AutoTokenizer.from_pretrained(cfg.lora_path)
         self.tok.padding_side = "left"  # decoder-only batched generation appends on the right
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token

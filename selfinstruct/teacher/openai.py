@@ -27,13 +27,14 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from urllib.parse import urlparse
 
 import aiohttp
 
 from selfinstruct.config import TeacherConfig
 from selfinstruct.errors import TeacherError, UserError
-from selfinstruct.teacher.base import Completion, Request, cut_at_stop
+from selfinstruct.teacher.base import Completion, Request, adapter_name, cut_at_stop, teacher_name
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -75,7 +76,11 @@ class OpenAITeacher:
         if not cfg.base_urls:
             raise UserError("the openai backend needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)")
         self.cfg = cfg
-        self.name = cfg.model
+        self.name = teacher_name(cfg)
+        # A student adapter is loaded into each server at runtime (vllm serve --enable-lora with
+        # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) and requested by its name.
+        self.served = adapter_name(cfg.lora_path) if cfg.lora_path else cfg.model
+        self._adapter_loaded = not cfg.lora_path
         self.endpoints = [Endpoint(normalise_url(u)) for u in cfg.base_urls]
         self.chat = cfg.prompt_format != "completion"
         self.counts: Counter = Counter()
@@ -123,6 +128,9 @@ class OpenAITeacher:
                 timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout),
                 connector=aiohttp.TCPConnector(limit=self.cfg.max_concurrency, limit_per_host=0))
             self._sem = asyncio.Semaphore(self.cfg.max_concurrency)
+        if not self._adapter_loaded:
+            await asyncio.gather(*(self._load_adapter(e.url) for e in self.endpoints))
+            self._adapter_loaded = True
         tasks = [asyncio.ensure_future(self._one(r)) for r in requests]
         try:
             return list(await asyncio.gather(*tasks))
@@ -130,6 +138,21 @@ class OpenAITeacher:
             for t in tasks:
                 t.cancel()
             raise
+
+    async def _load_adapter(self, url: str) -> None:
+        """vLLM's runtime LoRA loading: POST /v1/load_lora_adapter {lora_name, lora_path}."""
+        body = {"lora_name": self.served, "lora_path": str(Path(self.cfg.lora_path).resolve())}
+        try:
+            async with self._session.post(f"{url}/load_lora_adapter", json=body, headers=self._headers) as r:
+                text = await r.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise TeacherError(f"{url}: cannot load the student adapter: {e!r}") from None
+        if r.status != 200 and "already" not in text.lower():
+            raise TeacherError(
+                f"{url}: loading adapter {self.served} failed ({r.status}: {text[:200]}). The server must run "
+                "`vllm serve BASE --enable-lora` with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and see the adapter "
+                "at the same path.")
+        self.counts["adapters_loaded"] += 1
 
     async def _one(self, req: Request) -> list[Completion]:
         n = req.sampling.n
@@ -152,7 +175,7 @@ class OpenAITeacher:
 
     def _body(self, ep: Endpoint, req: Request, n: int, sample: int) -> dict:
         s = req.sampling
-        body: dict = {"model": self.name, "max_tokens": s.max_tokens, "temperature": s.temperature,
+        body: dict = {"model": self.served, "max_tokens": s.max_tokens, "temperature": s.temperature,
                       "top_p": s.top_p}
         if self.chat:
             body["messages"] = [{"role": "user", "content": req.prompt}]

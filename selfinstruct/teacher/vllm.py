@@ -15,7 +15,7 @@ from typing import Any
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import UserError
-from selfinstruct.teacher.base import Completion, Request, cut_at_stop, use_chat
+from selfinstruct.teacher.base import Completion, Request, adapter_name, cut_at_stop, teacher_name, use_chat
 
 
 def sampling_kwargs(s: Sampling) -> dict[str, Any]:
@@ -57,14 +57,14 @@ class VLLMTeacher:
                             "teacher with `vllm serve` and use --backend openai") from None
         self._vllm = vllm
         self.cfg = cfg
-        self.name = cfg.model
+        self.name = teacher_name(cfg)
         self.llm = llm if llm is not None else vllm.LLM(**engine_kwargs(cfg))
         self.chat = use_chat(cfg, bool(getattr(self.llm.get_tokenizer(), "chat_template", None)))
         self.lora = None
         if cfg.lora_path is not None:
             from vllm.lora.request import LoRARequest
 
-            self.lora = LoRARequest("student", 1, cfg.lora_path)
+            self.lora = LoRARequest(adapter_name(cfg.lora_path), 1, cfg.lora_path)
 
     def _params(self, req: Request) -> Any:
         kw = sampling_kwargs(req.sampling)

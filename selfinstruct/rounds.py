@@ -1,0 +1,245 @@
+"""`selfinstruct run`: rounds of generate -> train -> evaluate -> report, resumable per stage.
+
+    out = run_rounds(cfg)
+
+    <run>/config.yaml                  the resolved config
+    <run>/round-K/generate/            a generate run (generated.jsonl, rejected.jsonl, stats.json, dataset/)
+    <run>/round-K/train/               the adapter and metrics (train-data.jsonl: what it trained on)
+    <run>/round-K/eval/                responses.jsonl, judgements.jsonl, eval.json
+    <run>/base/                        the base student's responses and held-out loss
+    <run>/report.json, <run>/plots/    per-round numbers and their plots
+    each stage directory: manifest.json, written (atomically) when the stage is complete
+
+A stage with a manifest is skipped on a re-run; a stage without one is resumed: generation from its
+last checkpoint (state.json), training from its last Trainer checkpoint, evaluation redone (its
+teacher and judge answers come back from the response cache).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from selfinstruct.config import Config, dump_yaml
+from selfinstruct.errors import UserError
+from selfinstruct.records import read_jsonl, write_atomic, write_json
+
+console = Console(stderr=True)
+
+
+def stage_done(d: Path) -> bool:
+    return (d / "manifest.json").exists()
+
+
+def finish_stage(d: Path, stage: str, k: int, started: float, summary: dict[str, Any]) -> None:
+    write_json(d / "manifest.json", {"stage": stage, "round": k, "finished_at": datetime.now().isoformat(),
+                                     "seconds": round(time.monotonic() - started, 2), **summary})
+
+
+def round_config(cfg: Config, run_dir: Path, k: int) -> Config:
+    """Round k's generate and train settings, derived from the run's config."""
+    c = copy.deepcopy(cfg)
+    rd = run_dir / f"round-{k}"
+    earlier = [str(run_dir / f"round-{j}" / "generate") for j in range(1, k)]
+    c.generate.out, c.generate.resume = str(rd / "generate"), True
+    c.generate.seed = cfg.generate.seed + 1000 * (k - 1)  # new demonstrations each round
+    c.generate.dedup_against = [*cfg.generate.dedup_against, *earlier]
+    if k > 1 and cfg.rounds.generator == "student":
+        from selfinstruct.evaluate import student_config
+
+        c.teacher = student_config(cfg, run_dir / f"round-{k - 1}" / "train" / "adapter")
+    c.train.out, c.train.resume = str(rd / "train"), True
+    if cfg.rounds.train_from == "previous" and k > 1:
+        c.train.data = str(rd / "generate")
+        c.train.init_adapter = str(run_dir / f"round-{k - 1}" / "train" / "adapter")
+    else:
+        c.train.data = str(rd / "train-data.jsonl")
+    return c
+
+
+def run_rounds(cfg: Config) -> Path:
+    from selfinstruct.generate.loop import run_generate
+    from selfinstruct.train import run_train
+
+    run_dir = Path(cfg.rounds.out or Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-rounds")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.rounds.out = str(run_dir)
+    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    if cfg.rounds.evaluate:
+        from selfinstruct.evaluate import heldout_items
+
+        heldout_items(cfg)  # a bad held-out file fails now, not after hours of generation
+    for k in range(1, cfg.rounds.rounds + 1):
+        c = round_config(cfg, run_dir, k)
+        rd = run_dir / f"round-{k}"
+        gen, train, ev = rd / "generate", rd / "train", rd / "eval"
+        console.rule(f"round {k} of {cfg.rounds.rounds}")
+        if not stage_done(gen):
+            started = time.monotonic()
+            run_generate(c, round_no=k)
+            stats = json.loads((gen / "stats.json").read_text())
+            finish_stage(gen, "generate", k, started, {"generator": stats["teacher"],
+                                                       "accepted_records": stats["accepted_records"]})
+        if not stage_done(train):
+            started = time.monotonic()
+            if c.train.data.endswith("train-data.jsonl"):  # all data so far, rounds 1..k
+                rows = [r for j in range(1, k + 1) for r in read_jsonl(run_dir / f"round-{j}" / "generate" /
+                                                                        "generated.jsonl")]
+                write_atomic(Path(c.train.data), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            run_train(c)
+            metrics = json.loads((train / "metrics.json").read_text())
+            finish_stage(train, "train", k, started, {"train_examples": metrics["train_examples"],
+                                                      "train_loss": metrics["train_loss"]})
+        if cfg.rounds.evaluate and not stage_done(ev):
+            from selfinstruct.evaluate import evaluate_round
+
+            started = time.monotonic()
+            result = evaluate_round(c, run_dir, k)
+            finish_stage(ev, "eval", k, started, {"win_rate_vs_base": result["vs_base"]["win_rate"]})
+        report = write_report(run_dir)
+        console.print(report_table(report))
+    return run_dir
+
+
+def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """`selfinstruct eval RUN`: every trained round without a finished evaluation, then the report."""
+    from selfinstruct.evaluate import evaluate_round
+
+    k = 1
+    while stage_done(run_dir / f"round-{k}" / "train"):
+        ev = run_dir / f"round-{k}" / "eval"
+        if not stage_done(ev):
+            started = time.monotonic()
+            result = evaluate_round(cfg, run_dir, k)
+            finish_stage(ev, "eval", k, started, {"win_rate_vs_base": result["vs_base"]["win_rate"]})
+        k += 1
+    if k == 1:
+        raise UserError("no round of this run has finished training yet", run_dir)
+    report = write_report(run_dir)
+    Console().print(report_table(report))
+    return report
+
+
+# ---------------------------------------------------------------- the report
+
+
+def write_report(run_dir: Path) -> dict[str, Any]:
+    """report.json and plots/ from what the stages wrote (so a resumed run reports the same)."""
+    rounds = []
+    k = 1
+    while (run_dir / f"round-{k}").exists():
+        rd = run_dir / f"round-{k}"
+        row: dict[str, Any] = {"round": k}
+        if (rd / "generate" / "stats.json").exists():
+            s = json.loads((rd / "generate" / "stats.json").read_text())
+            row.update(generator=s["teacher"], accepted_instructions=s["accepted_instructions"],
+                       accepted_records=s["accepted_records"], rejected=s["rejected"])
+        if (rd / "train" / "manifest.json").exists():
+            m = json.loads((rd / "train" / "metrics.json").read_text())
+            row.update(train_examples=m["train_examples"], train_loss=m["train_loss"])
+        if (rd / "eval" / "manifest.json").exists():
+            e = json.loads((rd / "eval" / "eval.json").read_text())
+            row.update(vs_base=e["vs_base"], vs_previous=e["vs_previous"], heldout_loss=e["heldout_loss"])
+        rounds.append(row)
+        k += 1
+    base = run_dir / "base" / "eval.json"
+    report = {"base_heldout_loss": json.loads(base.read_text())["heldout_loss"] if base.exists() else None,
+              "rounds": rounds}
+    write_json(run_dir / "report.json", report)
+    plot_report(report, run_dir / "plots")
+    return report
+
+
+def report_table(report: dict[str, Any]) -> Table:
+    t = Table(title="rounds")
+    for col in ("round", "generator", "accepted", "rejected", "trained on", "win vs base [95% CI]",
+                "win vs previous", "held-out loss"):
+        t.add_column(col, justify="left" if col == "generator" else "right", overflow="fold")
+    t.add_row("base", "", "", "", "", "", "", _num(report["base_heldout_loss"]))
+    for r in report["rounds"]:
+        gen = str(r.get("generator", ""))
+        gen = f"student {gen.split('+', 1)[1]}" if "+" in gen else Path(gen).name
+        t.add_row(str(r["round"]), gen, str(r.get("accepted_records", "")),
+                  str(sum(r.get("rejected", {}).values())), str(r.get("train_examples", "")),
+                  _rate(r.get("vs_base")), _rate(r.get("vs_previous")), _num(r.get("heldout_loss")))
+    return t
+
+
+def _rate(w: dict[str, Any] | None) -> str:
+    if not w or w["win_rate"] is None:
+        return "-"
+    lo, hi = w["ci95"]
+    return f"{w['win_rate']:.2f} [{lo:.2f},{hi:.2f}]"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def plot_report(report: dict[str, Any], out: Path) -> None:
+    """win_rate.png, heldout_loss.png, accepted.png, rejections.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from selfinstruct.stats import _save
+
+    out.mkdir(parents=True, exist_ok=True)
+    rounds = report["rounds"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, colour in (("vs_base", "#4C72B0"), ("vs_previous", "#DD8452")):
+        pts = [(r["round"], r[key]) for r in rounds if r.get(key) and r[key]["win_rate"] is not None]
+        if pts:
+            xs, ws = [p[0] for p in pts], [p[1] for p in pts]
+            ys = [w["win_rate"] for w in ws]
+            err = [[y - w["ci95"][0] for y, w in zip(ys, ws, strict=True)],
+                   [w["ci95"][1] - y for y, w in zip(ys, ws, strict=True)]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, color=colour, label=key.replace("_", " "))
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("win rate (95% CI)")
+    ax.legend()
+    ax.set_title("Held-out win rate by round")
+    _save(fig, out / "win_rate.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = [(0, report["base_heldout_loss"])] + [(r["round"], r.get("heldout_loss")) for r in rounds]
+    pts = [p for p in pts if p[1] is not None]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="#55A868")
+    ax.set_xlabel("round (0 = base)")
+    ax.set_ylabel("loss per reference token")
+    ax.set_title("Held-out loss by round")
+    _save(fig, out / "heldout_loss.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar([r["round"] for r in rounds], [r.get("accepted_records", 0) for r in rounds], color="#4C72B0")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accepted records")
+    ax.set_title("Accepted records by round")
+    _save(fig, out / "accepted.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    totals = Counter()
+    for r in rounds:
+        totals.update(r.get("rejected", {}))
+    bottom = [0] * len(rounds)
+    for reason, _ in totals.most_common(8):
+        vals = [r.get("rejected", {}).get(reason, 0) for r in rounds]
+        ax.bar([r["round"] for r in rounds], vals, bottom=bottom, label=reason)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_xlabel("round")
+    ax.set_ylabel("rejected candidates")
+    ax.set_title("Rejections by reason and round (top 8 reasons)")
+    if totals:
+        ax.legend(fontsize=7)
+    _save(fig, out / "rejections.png")

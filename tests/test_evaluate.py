@@ -1,0 +1,88 @@
+"""The pairwise judge: verdict parsing, the position swap, win rates and their confidence interval."""
+
+import math
+
+import pytest
+
+from selfinstruct.config import Config, EvalConfig
+from selfinstruct.evaluate import compare, item_score, order_score, parse_verdict, win_rate
+from selfinstruct.records import read_jsonl
+from selfinstruct.teacher import Completion
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ("[[A]]", "A"), ("[[B]]", "B"), ("[[C]]", "tie"), ("[[ b ]]", "B"), ("**[[A]]**", "A"), ("[[Tie]]", "tie"),
+    ("Response A is more detailed, but B is correct.\nFinal verdict: [[B]]", "B"),
+    ("I first thought [[A]] but on reflection [[B]]", "B"),  # the last bracketed verdict counts
+    ("A", "A"), (" b.", "B"), ("(A)", "A"), ("Response B", "B"), ("Answer A\n", "A"),
+    ("Response A is better because it is accurate.", "A"), ("Overall, assistant B is clearly better.", "B"),
+    ("Winner: B", "B"), ("My verdict is A.", "A"), ("Verdict: (B)", "B"),
+    ("It's a tie.", "tie"), ("Both are equally good.", "tie"), ("Neither is better.", "tie"),
+    ("", None), ("I cannot decide", None), ("The responses discuss apples.", None), ("[[D]]", None),
+    ("Both responses are bad because they are incomplete", "tie"),
+])
+def test_parse_messy_verdicts(text, verdict):
+    assert parse_verdict(text) == verdict
+
+
+def test_position_swap_scores():
+    # candidate_first: the candidate was Response A; candidate_second: it was Response B
+    assert order_score("A", True) == 1 and order_score("A", False) == 0 and order_score("tie", True) == 0.5
+    assert order_score(None, True) is None
+    assert item_score("A", "B") == 1.0  # preferred in both positions
+    assert item_score("B", "A") == 0.0
+    assert item_score("A", "A") == 0.5  # a judge that always picks the first position: no preference
+    assert item_score("B", "B") == 0.5
+    assert item_score("tie", "B") == 0.75 and item_score("A", "tie") == 0.75 and item_score("tie", "tie") == 0.5
+    assert item_score(None, "B") == 1.0 and item_score("B", None) == 0.0  # only the parseable order counts
+    assert item_score(None, None) is None
+
+
+def test_confidence_interval_hand_computed():
+    # scores 1, 1, 0.5, 0, 1: mean 0.7; deviations .3 .3 -.2 -.7 .3, squares sum to 0.8, s^2 = 0.8/4 = 0.2,
+    # standard error sqrt(0.2)/sqrt(5) = 0.2; half-width 1.96 * 0.2 = 0.392 -> [0.308, 1.092] -> [0.308, 1.0]
+    w = win_rate([1.0, 1.0, 0.5, 0.0, 1.0, None])
+    assert w["n"] == 5 and w["unjudged"] == 1 and (w["wins"], w["ties"], w["losses"]) == (3, 1, 1)
+    assert w["win_rate"] == pytest.approx(0.7)
+    assert w["ci95"][0] == pytest.approx(0.7 - 1.959964 * 0.2, abs=1e-6) and w["ci95"][1] == 1.0
+    assert math.isclose(w["ci95"][0], 0.308007, abs_tol=1e-5)
+    w = win_rate([0.25, 0.75])  # mean 0.5, s = sqrt(0.125), se = 0.25 -> 0.5 +- 0.49
+    assert w["ci95"] == pytest.approx([0.5 - 1.959964 * 0.25, 0.5 + 1.959964 * 0.25], abs=1e-6)
+    assert win_rate([1.0])["ci95"] == [0.0, 1.0]
+    assert win_rate([None])["win_rate"] is None
+
+
+class LengthJudge:
+    """Prefers the longer response, or always the first one; what the swap has to cope with."""
+
+    name = "judge"
+
+    def __init__(self, mode: str):
+        self.mode, self.prompts = mode, []
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            self.prompts.append(r.prompt)
+            a = r.prompt.split("[Response A]\n")[1].split("\n\n[Response B]")[0]
+            b = r.prompt.split("[Response B]\n")[1].split("\n\nGive your verdict")[0]
+            verdict = "[[A]]" if self.mode == "first" or len(a) > len(b) else "[[B]]"
+            out.append([Completion(verdict, "stop")])
+        return out
+
+
+def test_compare_runs_both_orders(tmp_path):
+    cfg = Config(eval=EvalConfig())
+    items = [{"id": f"h{i}", "prompt": f"Question {i}?", "reference": "x"} for i in range(3)]
+    long, short = ["a long, careful answer"] * 3, ["short"] * 3
+    judge = LengthJudge("longer")
+    w = compare(cfg, judge, items, long, short, "vs_base", tmp_path / "j.jsonl")
+    assert w["win_rate"] == 1.0 and w["wins"] == 3
+    # each item was shown twice, the candidate once in each position
+    assert [("Response A]\na long" in p) for p in judge.prompts] == [True, False] * 3
+    assert compare(cfg, LengthJudge("longer"), items, short, long, "x", tmp_path / "k.jsonl")["win_rate"] == 0.0
+    biased = compare(cfg, LengthJudge("first"), items, long, short, "vs_previous", tmp_path / "j.jsonl")
+    assert biased["win_rate"] == 0.5 and biased["ties"] == 3
+    rows = read_jsonl(tmp_path / "j.jsonl")
+    assert [r["comparison"] for r in rows] == ["vs_base"] * 3 + ["vs_previous"] * 3
+    assert rows[0]["candidate_first"]["verdict"] == "A" and rows[0]["candidate_second"]["verdict"] == "B"

@@ -1,0 +1,161 @@
+"""`selfinstruct run`: two rounds end to end on tiny CPU models (the round-1 student generates round 2),
+and a run killed during round 2's training that a re-run finishes without repeating anything."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import ROOT, cli
+
+from selfinstruct.dedup import rouge_l
+from selfinstruct.records import read_jsonl
+
+# The student is the tiny Self-Instruct teacher itself plus a LoRA adapter, so as a generator in
+# round 2 it still speaks the Self-Instruct format: true self-instruct. Training runs long enough
+# (many small steps, frequent checkpoints) for a kill to land in the middle of it.
+LOOP_CONFIG = """\
+generate:
+  request_batch_size: 4
+  max_stalled_requests: 200
+  num_instructions: 3
+  instruction_sampling: {temperature: 1.0, top_p: 1.0, max_tokens: 96, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}
+  instance_sampling: {temperature: 0.0, max_tokens: 96, stop: ["Task:"]}
+train:
+  epochs: 25
+  batch_size: 1
+  learning_rate: 0.0003
+  logging_steps: 10
+  save_steps: 5
+  max_length: 256
+eval:
+  max_items: 4
+  response_sampling: {temperature: 0.0, max_tokens: 32}
+  judge_sampling: {temperature: 0.0, max_tokens: 8}
+rounds:
+  rounds: 2
+  generator: student
+"""
+
+
+def run_args(out, teacher_dir, judge_dir, config):
+    return ["run", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--student", teacher_dir,
+            "--judge", judge_dir, "--heldout", ROOT / "heldout", "--out", out, "--config", config]
+
+
+@pytest.fixture(scope="module")
+def loop_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("loop") / "loop.yaml"
+    path.write_text(LOOP_CONFIG)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, teacher_dir, judge_dir, loop_config):
+    out = tmp_path_factory.mktemp("run") / "run"
+    env = {"XDG_CACHE_HOME": str(out.parent / "cache")}
+    r = cli(*run_args(out, teacher_dir, judge_dir, loop_config), env=env)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def counts(report):
+    """What an interrupted and an uninterrupted run must agree on."""
+    return [(r["round"], r["accepted_instructions"], r["accepted_records"], r["rejected"], r["train_examples"],
+             r["vs_base"]["n"] + r["vs_base"]["unjudged"]) for r in report["rounds"]]
+
+
+def test_two_rounds_student_generates_round_two(finished_run, teacher_dir):
+    run = finished_run
+    for k in (1, 2):
+        for stage in ("generate", "train", "eval"):
+            m = json.loads((run / f"round-{k}" / stage / "manifest.json").read_text())
+            assert m["stage"] == stage and m["round"] == k
+    r1 = read_jsonl(run / "round-1" / "generate" / "generated.jsonl")
+    r2 = read_jsonl(run / "round-2" / "generate" / "generated.jsonl")
+    assert r1 and r2 and all(r["id"].startswith("r1-") and r["round"] == 1 for r in r1)
+    assert all(r["id"].startswith("r2-") and r["round"] == 2 for r in r2)
+    # round 1: the teacher; round 2: the round-1 student (base + its adapter)
+    assert {r["teacher"] for r in r1} == {str(teacher_dir)}
+    assert {r["teacher"] for r in r2} == {r2[0]["teacher"]} and "+round-1-train-" in r2[0]["teacher"]
+    # round 2 was deduplicated against round 1
+    assert all(rouge_l(a["instruction"], b["instruction"]) < 0.7 for a in r2 for b in r1)
+    # train_from base: round 2 trained a fresh adapter on both rounds' records
+    m1 = json.loads((run / "round-1" / "train" / "metrics.json").read_text())
+    m2 = json.loads((run / "round-2" / "train" / "metrics.json").read_text())
+    assert m1["train_examples"] == len(r1) and m2["train_examples"] == len(r1) + len(r2)
+
+    report = json.loads((run / "report.json").read_text())
+    assert report["base_heldout_loss"] > 0
+    for row in report["rounds"]:
+        for key in ("vs_base", "vs_previous"):
+            w = row[key]
+            assert w["n"] + w["unjudged"] == 4 and w["wins"] + w["ties"] + w["losses"] == w["n"]
+            if w["win_rate"] is not None:
+                assert w["ci95"][0] <= w["win_rate"] <= w["ci95"][1]
+        assert row["heldout_loss"] > 0
+    ev2 = json.loads((run / "round-2" / "eval" / "eval.json").read_text())
+    judged = read_jsonl(run / "round-2" / "eval" / "judgements.jsonl")
+    assert [j["comparison"] for j in judged] == ["vs_base"] * 4 + ["vs_previous"] * 4
+    assert ev2["vs_previous"]["n"] == sum(j["score"] is not None for j in judged[4:])
+    assert {p.name for p in (run / "plots").iterdir()} == {"win_rate.png", "heldout_loss.png", "accepted.png",
+                                                           "rejections.png"}
+    heldout = [json.loads(line)["id"] for line in (ROOT / "heldout" / "heldout_tasks.jsonl").open()][:4]
+    assert [b["id"] for b in read_jsonl(run / "base" / "responses.jsonl")] == heldout
+
+    # selfinstruct eval on a finished run: nothing is redone, the report is printed
+    before = (run / "round-1" / "eval" / "manifest.json").read_text()
+    r = cli("eval", run)
+    assert r.returncode == 0, r.stderr
+    assert "rounds" in r.stdout and "base" in r.stdout
+    assert (run / "round-1" / "eval" / "manifest.json").read_text() == before
+
+
+def test_killed_during_round_two_training_resumes(finished_run, teacher_dir, judge_dir, loop_config, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = ["selfinstruct", *map(str, run_args(out, teacher_dir, judge_dir, loop_config))]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = out / "round-2" / "train" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("checkpoint-*")):  # round 2 is training: a checkpoint was written
+        assert proc.poll() is None, "the run ended before round 2's training could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "round-2" / "train" / "manifest.json").exists()
+    done = {p: p.read_text() for p in out.glob("round-*/*/manifest.json")}
+    assert len(done) == 4  # round 1's three stages and round 2's generation
+    generated = (out / "round-2" / "generate" / "generated.jsonl").read_text()
+
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    for path, text in done.items():  # finished stages were not redone
+        assert path.read_text() == text
+    assert (out / "round-2" / "generate" / "generated.jsonl").read_text() == generated
+    report = json.loads((out / "report.json").read_text())
+    assert counts(report) == counts(json.loads((finished_run / "report.json").read_text()))
+
+
+def test_round_config_maps_generator_training_and_dedup(tmp_path):
+    from selfinstruct.config import Config
+    from selfinstruct.rounds import round_config
+
+    cfg = Config()
+    cfg.train.student, cfg.generate.dedup_against = "student-model", ["old.jsonl"]
+    cfg.rounds.generator, cfg.rounds.train_from = "student", "previous"
+    one, two = round_config(cfg, tmp_path, 1), round_config(cfg, tmp_path, 2)
+    assert one.teacher == cfg.teacher and one.train.init_adapter is None  # round 1: the teacher, a fresh adapter
+    assert one.train.data == str(tmp_path / "round-1" / "train-data.jsonl")
+    assert two.teacher.model == "student-model" and two.teacher.lora_path == str(tmp_path / "round-1/train/adapter")
+    assert two.train.data == str(tmp_path / "round-2" / "generate")
+    assert two.train.init_adapter == str(tmp_path / "round-1" / "train" / "adapter")
+    assert two.generate.dedup_against == ["old.jsonl", str(tmp_path / "round-1" / "generate")]
+    assert two.generate.seed != one.generate.seed and two.train.out == str(tmp_path / "round-2" / "train")
+    cfg.rounds.generator, cfg.rounds.train_from = "teacher", "base"
+    two = round_config(cfg, tmp_path, 2)
+    assert two.teacher == cfg.teacher and two.train.data == str(tmp_path / "round-2" / "train-data.jsonl")
+    assert cfg.generate.dedup_against == ["old.jsonl"]  # the run's own config is left alone
