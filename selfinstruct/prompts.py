@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from selfinstruct.errors import UserError
@@ -43,6 +44,8 @@ def render(name: str, root: Path = PROMPTS_DIR, **variables: Any) -> str:
         raise UserError(f"template syntax error: {e.message}", e.filename or root / name, e.lineno) from None
     except jinja2.UndefinedError as e:
         raise UserError(f"template uses an undefined variable: {e.message}", root / name) from None
+    except SecurityError as e:
+        raise UserError(f"template tried something unsafe, refused by the sandbox: {e}", root / name) from None
 
 
 def template_id(name: str, root: Path = PROMPTS_DIR) -> str:

@@ -1,0 +1,154 @@
+"""Property-based tests over what users and teachers feed us: seed files, config files and teacher
+output never cause an uncaught exception -- always a clear UserError, or a counted rejection."""
+
+import contextlib
+import json
+import random
+import string
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from selfinstruct.config import Config, EvolConfig, GenerateConfig, load_config
+from selfinstruct.errors import UserError
+from selfinstruct.evaluate import parse_verdict
+from selfinstruct.filters import check_evolved_response, check_instruction, clean_instances
+from selfinstruct.generate.loop import Run, _generate, recipe
+from selfinstruct.generate.parse import parse_alpaca, parse_equal, parse_instances, parse_instructions, parse_yes_no
+from selfinstruct.records import read_jsonl
+from selfinstruct.seeds import Instance, SeedTask, load_conversations, load_tasks
+from selfinstruct.teacher import Completion
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=4),
+                           max_leaves=12)
+seed_like = st.fixed_dictionaries({}, optional={
+    "id": json_values, "name": json_values, "instruction": st.text() | json_values, "input": st.text() | json_values,
+    "output": st.text() | json_values, "is_classification": json_values,
+    "instances": st.lists(st.fixed_dictionaries({}, optional={"input": st.text() | json_values,
+                                                               "output": st.text() | json_values}), max_size=3)
+    | json_values,
+    "messages": st.lists(st.fixed_dictionaries({}, optional={
+        "role": st.sampled_from(["user", "assistant", "system", "tool", ""]) | json_values,
+        "content": st.text() | json_values}), max_size=3) | json_values})
+
+
+@SETTINGS
+@given(rows=st.lists(seed_like | json_values, max_size=5), as_list=st.booleans(), junk=st.binary(max_size=40))
+def test_seed_files_load_or_say_where(tmp_path_factory, rows, as_list, junk):
+    path = tmp_path_factory.mktemp("seeds") / "s.jsonl"
+    text = json.dumps(rows) if as_list else "\n".join(json.dumps(r) for r in rows)
+    for data in (text.encode(), text.encode() + junk, junk):
+        path.write_bytes(data)
+        for load in (load_tasks, load_conversations):
+            try:
+                load(path)
+            except UserError as e:
+                assert str(path) in str(e)
+
+
+config_leaf = st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(-1, 10, allow_nan=False) | st.text(
+    max_size=10) | st.lists(st.text(max_size=5), max_size=3)
+sections = st.sampled_from(["teacher", "generate", "filters", "train", "eval", "rounds", "nope"])
+keys = st.sampled_from(["model", "backend", "num_instructions", "rouge_threshold", "epochs", "lora_r", "seeds",
+                        "rounds", "max_items", "evol", "alpaca", "instruction_sampling", "temperature", "bogus"])
+
+
+@SETTINGS
+@given(doc=st.dictionaries(sections, st.dictionaries(keys, config_leaf | st.dictionaries(keys, config_leaf,
+                                                                                           max_size=3), max_size=4)
+                           | config_leaf, max_size=4),
+       raw=st.text(max_size=60), suffix=st.sampled_from([".yaml", ".toml"]))
+def test_config_files_load_or_say_where(tmp_path_factory, doc, raw, suffix):
+    import yaml
+
+    d = tmp_path_factory.mktemp("cfg")
+    for name, text in (("a.yaml", yaml.safe_dump(doc)), ("b" + suffix, raw)):
+        path = d / name
+        path.write_text(text)
+        try:
+            assert isinstance(load_config(path), Config)
+        except UserError as e:
+            assert str(path) in str(e)
+
+
+@SETTINGS
+@given(text=st.text(max_size=400) | st.sampled_from([
+    "", "\n\n", "1.", "Example 1\nInput:\nOutput:", "Class label:\n", "###", "1. Instruction:\n1. Input:\n1. Output:",
+    "\x00\ufffd", "Sorry", "[[", "Not Equal Equal", "a" * 5000]), truncated=st.booleans(), clf=st.booleans())
+def test_teacher_output_parsers_never_raise(text, truncated, clf):
+    items, dropped = parse_instructions(text, truncated)
+    assert all(isinstance(r, str) and r for _, r in dropped)
+    cfg = Config().filters
+    for item in items:
+        ok, reason = check_instruction(item, cfg)
+        assert ok or reason
+    kept, dropped_instances = clean_instances(parse_instances(text, clf), 5)
+    assert all(reason for _, reason in dropped_instances)
+    tasks, bad = parse_alpaca(text, 4, truncated)
+    assert all(reason for _, reason in bad)
+    assert parse_yes_no(text) in (True, False, None)
+    assert parse_equal(text) in (True, False, None)
+    assert parse_verdict(text) in ("A", "B", "tie", None)
+    assert check_evolved_response(text, 80)[0] in (True, False)
+
+
+class GarbageTeacher:
+    """A real loop around a teacher that answers whatever hypothesis draws (fault injection)."""
+
+    name = "garbage"
+
+    def __init__(self, texts):
+        self.texts, self.i = texts, 0
+
+    def generate(self, requests):
+        out = []
+        for _ in requests:
+            text, reason = self.texts[self.i % len(self.texts)]
+            self.i += 1
+            out.append([Completion(text, reason)])
+        return out
+
+    def close(self):
+        pass
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.tuples(st.text(max_size=300) | st.sampled_from(
+    ["Write a poem about tea.\n10. Describe the sea at night.", "Example 1\nInput: a\nOutput: b", "Yes", "No",
+     "Equal", "Not Equal", "#Rewritten Prompt#: x", "Sorry.", "the of and", ""]),
+    st.sampled_from(["stop", "length"])), min_size=1, max_size=12),
+    method=st.sampled_from(["self-instruct", "alpaca", "evol"]))
+def test_generation_with_garbage_teacher_counts_every_rejection(tmp_path_factory, texts, method):
+    d = tmp_path_factory.mktemp("run")
+    rng = random.Random(0)
+    seeds = [SeedTask(id=f"s{i}", instruction=" ".join(rng.choices(string.ascii_lowercase, k=6)) + " task",
+                      instances=[Instance("", "out")]) for i in range(10)]
+    cfg = Config(generate=GenerateConfig(method=method, num_instructions=3, max_stalled_requests=8,
+                                         request_batch_size=2, out=str(d),
+                                         evol=EvolConfig(rounds=2, batch_size=4)))
+    run = Run(dir=d, cfg=cfg, teacher=GarbageTeacher(texts), seeds=seeds)
+    from selfinstruct.generate.loop import StalledError
+
+    with contextlib.suppress(StalledError):  # a teacher that never helps ends the run, with its stats
+        _generate(run, recipe(method))
+    stats = json.loads((d / "stats.json").read_text())
+    rejected = read_jsonl(d / "rejected.jsonl")
+    assert stats["rejected_total"] == len(rejected) and all(r["reason"] for r in rejected)
+    assert stats["accepted_records"] == len(read_jsonl(d / "generated.jsonl"))
+    if method == "evol":
+        e = stats["evol"]
+        assert e["attempts"] == 20 and e["accepted"] + e["eliminated"] == 20
+
+
+def test_template_reaching_python_internals_is_a_user_error(tmp_path):
+    from selfinstruct.prompts import render
+
+    (tmp_path / "evil.jinja").write_text("{{ x.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(UserError, match="evil.jinja.*unsafe"):
+        render("evil.jinja", root=tmp_path, x="")
+    (tmp_path / "evil2.jinja").write_text("{{ cycler.__init__.__globals__.os.system('echo hi') }}")
+    with pytest.raises(UserError, match="evil2.jinja"):
+        render("evil2.jinja", root=tmp_path)
