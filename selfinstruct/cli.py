@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from selfinstruct import __version__
 from selfinstruct.config import METHODS, Config, field_help, load_config
-from selfinstruct.errors import TeacherError, UserError
+from selfinstruct.errors import RunError, UserError
 
 console = Console(stderr=True)
 
@@ -110,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threshold", type=float, default=0.7, help="Drop at or above this similarity.")
     d.set_defaults(func=cmd_dedup)
 
+    sh = sub.add_parser("show", help="Pretty-print a generate run's records (or rejected candidates).")
+    sh.add_argument("run", metavar="RUN_DIR")
+    sh.add_argument("--n", type=int, default=5, metavar="K", help="How many to show (default 5).")
+    sh.add_argument("--rejected", action="store_true", help="Show rejected candidates instead.")
+    sh.add_argument("--reason", metavar="R", help="Only rejections with this reason (implies --rejected).")
+    sh.set_defaults(func=cmd_show)
+
+    x = sub.add_parser("export", help="Export a generate run's records (to <run>/export/), or push to the hub.")
+    x.add_argument("run", metavar="RUN_DIR")
+    x.add_argument("--format", choices=["alpaca", "chat", "sharegpt", "parquet"], default="alpaca")
+    x.add_argument("--name", metavar="NAME", help="File name without extension (default: the format).")
+    x.add_argument("--push-to-hub", metavar="REPO_ID", help="Also upload dataset/ and its card as a hub dataset.")
+    x.add_argument("--public", action="store_true", help="With --push-to-hub: a public repo (default private).")
+    x.set_defaults(func=cmd_export)
+
     st = sub.add_parser("stats", help="Print a generate run's counts and diversity statistics.")
     st.add_argument("run", metavar="RUN_DIR")
     st.set_defaults(func=cmd_stats)
@@ -180,6 +195,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from selfinstruct.publish import show_run
+
+    if args.n < 1:
+        raise UserError("--n must be >= 1")
+    show_run(args.run, args.n, args.rejected, args.reason)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from selfinstruct.publish import export_run, push_to_hub
+
+    path = export_run(args.run, args.format, args.name)
+    console.print(f"[green]wrote[/] {path}")
+    if args.push_to_hub:
+        push_to_hub(args.run, args.push_to_hub, private=not args.public)
+        console.print(f"[green]pushed[/] to https://huggingface.co/datasets/{args.push_to_hub}")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from selfinstruct.stats import show_stats
 
@@ -230,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
-    except (TeacherError, StalledError) as e:
+    except (RunError, StalledError) as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:

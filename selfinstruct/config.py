@@ -219,6 +219,9 @@ class GenerateConfig:
     max_stalled_requests: int = opt(64, "Give up after this many teacher requests in a row that yield no "
                                     "accepted instruction (a broken teacher ends, it does not loop).")
     test_size: float = opt(0.1, "Fraction of records in the dataset's test split.")
+    prompts_dir: str | None = opt(None, "A directory with your own versions of prompts/*.jinja (same relative "
+                                  "names, e.g. self_instruct/instructions.jinja); the rest come from ours. Every "
+                                  "template a run uses is rendered once at start-up, so a mistake fails early.")
     dedup_against: list[str] = opt([], "More data files or run directories whose instructions join the ROUGE-L "
                                    "pool (e.g. earlier rounds), so nothing near them is accepted again.")
     instruction_sampling: Sampling = opt(

@@ -1,4 +1,5 @@
-"""The one exception type for mistakes a user can fix: the CLI prints it and exits with code 2."""
+"""UserError: mistakes a user can fix (CLI exit code 2). RunError and its kinds: failures outside the
+input (exit code 1)."""
 
 from __future__ import annotations
 
@@ -16,5 +17,18 @@ class UserError(Exception):
         super().__init__(where + message)
 
 
-class TeacherError(Exception):
+class RunError(Exception):
+    """The run cannot go on for a reason outside the user's input (CLI exit code 1); what was accepted
+    before it is on disk, and --resume continues."""
+
+
+class TeacherError(RunError):
     """The teacher could not be reached or kept failing after retries (CLI exit code 1)."""
+
+
+class StorageError(RunError):
+    """Writing the run failed: a full disk, a quota, a directory that became read-only."""
+
+
+class RemoteError(RunError):
+    """A remote service other than the teacher failed (the hub on --push-to-hub): CLI exit code 1."""

@@ -30,18 +30,24 @@ from rich.table import Table
 
 from selfinstruct.config import Config, dump_yaml
 from selfinstruct.errors import UserError
+from selfinstruct.manifest import write_manifest
 from selfinstruct.records import read_jsonl, write_atomic, write_json
+from selfinstruct.seeds import load_tasks
 
 console = Console(stderr=True)
 
 
 def stage_done(d: Path) -> bool:
-    return (d / "manifest.json").exists()
+    path = d / "manifest.json"
+    return path.exists() and "stage" in json.loads(path.read_text())
 
 
 def finish_stage(d: Path, stage: str, k: int, started: float, summary: dict[str, Any]) -> None:
-    write_json(d / "manifest.json", {"stage": stage, "round": k, "finished_at": datetime.now().isoformat(),
-                                     "seconds": round(time.monotonic() - started, 2), **summary})
+    """The stage's manifest.json (on top of the run manifest generate writes there), atomically."""
+    path = d / "manifest.json"
+    base = json.loads(path.read_text()) if path.exists() else {}
+    write_json(path, {**base, "stage": stage, "round": k, "finished_at": datetime.now().isoformat(),
+                      "seconds": round(time.monotonic() - started, 2), **summary})
 
 
 def round_config(cfg: Config, run_dir: Path, k: int) -> Config:
@@ -66,17 +72,27 @@ def round_config(cfg: Config, run_dir: Path, k: int) -> Config:
 
 
 def run_rounds(cfg: Config) -> Path:
-    from selfinstruct.generate.loop import run_generate
+    from selfinstruct.evaluate import T_JUDGE, heldout_items
+    from selfinstruct.generate.evol import input_tasks
+    from selfinstruct.generate.loop import run_generate, template_samples
+    from selfinstruct.prompts import check_templates, use_prompts_dir
     from selfinstruct.train import run_train
 
+    # Bad templates, seeds or held-out files fail now, before anything is written, not hours into round 1.
+    use_prompts_dir(cfg.generate.prompts_dir)
+    samples = template_samples(cfg.generate.method)
+    if cfg.rounds.evaluate:
+        heldout_items(cfg)
+        samples[T_JUDGE] = {"instruction": "Say hi.", "answer_a": "Hi.", "answer_b": "Hello."}
+    check_templates(samples)
+    (input_tasks if cfg.generate.method == "evol" else load_tasks)(cfg.generate.seeds)
     run_dir = Path(cfg.rounds.out or Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-rounds")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run directory: {e.strerror}", run_dir) from None
     cfg.rounds.out = str(run_dir)
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    if cfg.rounds.evaluate:
-        from selfinstruct.evaluate import heldout_items
-
-        heldout_items(cfg)  # a bad held-out file fails now, not after hours of generation
     for k in range(1, cfg.rounds.rounds + 1):
         c = round_config(cfg, run_dir, k)
         rd = run_dir / f"round-{k}"
@@ -106,13 +122,20 @@ def run_rounds(cfg: Config) -> Path:
             finish_stage(ev, "eval", k, started, {"win_rate_vs_base": result["vs_base"]["win_rate"]})
         report = write_report(run_dir)
         console.print(report_table(report))
+    stages = [json.loads(p.read_text()) for k in range(1, cfg.rounds.rounds + 1)
+              for p in sorted((run_dir / f"round-{k}").glob("*/manifest.json"))]
+    write_manifest(run_dir, {f"round-{m['round']}/{m['stage']}": m["seconds"] for m in stages},
+                   {"tokens_in": sum(m.get("teacher_tokens", {}).get("in", 0) for m in stages),
+                    "tokens_out": sum(m.get("teacher_tokens", {}).get("out", 0) for m in stages)})
     return run_dir
 
 
 def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """`selfinstruct eval RUN`: every trained round without a finished evaluation, then the report."""
     from selfinstruct.evaluate import evaluate_round
+    from selfinstruct.prompts import use_prompts_dir
 
+    use_prompts_dir(cfg.generate.prompts_dir)
     k = 1
     while stage_done(run_dir / f"round-{k}" / "train"):
         ev = run_dir / f"round-{k}" / "eval"

@@ -96,3 +96,52 @@ def test_ctrl_c_stops_cleanly_and_resumes(teacher_dir, fast_config, tmp_path):
     assert r.returncode == 0, r.stderr
     records = read_jsonl(run / "generated.jsonl")
     assert len({x["instruction"] for x in records}) == 12 and len({x["id"] for x in records}) == len(records)
+
+
+def test_full_disk_mid_run_is_a_clear_error_and_resume_finishes(tmp_path, monkeypatch):
+    """Fault injection around the real loop: the disk fills up during the second step's appends."""
+    import errno
+
+    import pytest
+    from test_evol import ScriptedTeacher, evol_run
+
+    from selfinstruct.errors import StorageError
+    from selfinstruct.generate.loop import _generate, recipe
+    from selfinstruct.records import JsonlAppender
+
+    whole = evol_run(tmp_path / "a", ScriptedTeacher())
+    _generate(whole, recipe("evol"))
+
+    real = JsonlAppender.write_many
+    calls = {"n": 0}
+
+    def filling_up(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 2's first append: half a line reaches the disk, then ENOSPC
+            self._fh.write('{"id": "torn')
+            self._fh.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, rows)
+
+    monkeypatch.setattr(JsonlAppender, "write_many", filling_up)
+    full = evol_run(tmp_path / "b", ScriptedTeacher())
+    with pytest.raises(StorageError, match="No space left on device.*--resume"):
+        _generate(full, recipe("evol"))
+    monkeypatch.setattr(JsonlAppender, "write_many", real)
+    _generate(evol_run(tmp_path / "b", ScriptedTeacher()), recipe("evol"))
+    for name in ("generated.jsonl", "rejected.jsonl"):
+        assert read_jsonl(tmp_path / "b" / "run" / name) == read_jsonl(whole.dir / name)
+
+
+def test_unwritable_run_directory_is_a_user_error(tmp_path, monkeypatch):
+    import pytest
+
+    from selfinstruct.errors import UserError
+    from selfinstruct.generate.loop import make_run_dir
+
+    def refuse(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(tmp_path), "write_text", refuse)  # (tests run as root: chmod would not stop us)
+    with pytest.raises(UserError, match="cannot write the run directory: Permission denied"):
+        make_run_dir(tmp_path / "out")

@@ -31,3 +31,37 @@ def test_template_id_changes_with_content(tmp_path):
     first = template_id("t.jinja", root=tmp_path)
     (tmp_path / "t.jinja").write_text("b")
     assert first.startswith("t.jinja@") and template_id("t.jinja", root=tmp_path) != first
+
+
+def test_user_template_mistake_fails_at_start_up(tmp_path):
+    """A user's template naming a variable it is not given fails before any model loads or file is written."""
+    from conftest import ROOT, cli
+
+    mine = tmp_path / "my_prompts" / "evol"
+    mine.mkdir(parents=True)
+    (mine / "deepen.jinja").write_text("Make this harder: {{ instrucion }}\n")  # typo
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"generate:\n  prompts_dir: {tmp_path / 'my_prompts'}\n")
+    r = cli("generate", "--method", "evol", "--seeds", ROOT / "seeds", "--teacher", tmp_path / "no-model",
+            "--config", cfg, "--out", tmp_path / "run")
+    assert r.returncode == 2, r.stderr
+    assert "deepen.jinja" in r.stderr and "instrucion" in r.stderr and "undefined" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_user_templates_override_ours(tmp_path):
+    from selfinstruct.prompts import PROMPTS_DIR, template_id, use_prompts_dir
+
+    (tmp_path / "evol").mkdir()
+    (tmp_path / "evol" / "deepen.jinja").write_text("Deeper, please: {{ instruction }}")
+    ours = template_id("evol/deepen.jinja")
+    try:
+        use_prompts_dir(tmp_path)
+        assert render("evol/deepen.jinja", instruction="Say hi.") == "Deeper, please: Say hi."
+        assert template_id("evol/deepen.jinja") != ours
+        assert "#Created Prompt#" in render("evol/breadth.jinja", instruction="x")  # the rest are ours
+        assert (PROMPTS_DIR / "evol" / "deepen.jinja").read_text() != "Deeper, please: {{ instruction }}"
+        with pytest.raises(UserError, match="not a directory"):
+            use_prompts_dir(tmp_path / "missing")
+    finally:
+        use_prompts_dir(None)

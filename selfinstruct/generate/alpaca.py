@@ -22,6 +22,8 @@ from selfinstruct.records import Record
 from selfinstruct.teacher import Request
 
 T_ALPACA = "alpaca/prompt.jinja"
+TEMPLATES = {T_ALPACA: {"num_tasks": 20, "demos": [{"instruction": "Say hello.", "input": "<noinput>",
+                                                    "output": "Hello."}] * 3}}
 
 
 def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[str]]]:

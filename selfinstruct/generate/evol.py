@@ -47,6 +47,8 @@ from selfinstruct.teacher import Request
 T_OPS = {op: f"evol/{op}.jinja" for op in EVOL_OPERATIONS}
 T_EQUAL = "evol/equal.jinja"
 T_RESPONSE = "evol/response.jinja"
+TEMPLATES = {**{t: {"instruction": "Say hello."} for t in T_OPS.values()},
+             T_EQUAL: {"first": "Say hello.", "second": "Say hello in French."}, T_RESPONSE: {"instruction": "Hi."}}
 # The paper's elimination rules, by the reason names rejected.jsonl and stats.json use.
 RULES = {"no_information_gain": 1, "sorry_short_response": 2, "stopwords_only_response": 3,
          "copies_prompt_words": 4}

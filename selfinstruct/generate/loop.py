@@ -27,8 +27,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from selfinstruct.config import Config, dump_yaml
 from selfinstruct.dedup import RougePool
-from selfinstruct.errors import UserError
+from selfinstruct.errors import StorageError, UserError
 from selfinstruct.filters import check_instruction
+from selfinstruct.prompts import check_templates, use_prompts_dir
 from selfinstruct.records import JsonlAppender, Record, read_jsonl, read_rows, write_atomic, write_json
 from selfinstruct.seeds import SeedTask, load_tasks, record_text
 from selfinstruct.teacher import Completion, Request, Teacher, make_teacher
@@ -215,6 +216,15 @@ def _instructions(run: Run) -> tuple[str, int, int]:
     return "instructions", run.accepted_instructions, run.cfg.generate.num_instructions
 
 
+def template_samples(method: str) -> dict[str, dict[str, Any]]:
+    """Every template `method` renders, with sample variables (for check_templates at start-up)."""
+    from selfinstruct.generate import alpaca, evol, self_instruct
+
+    parts = {"self-instruct": [self_instruct.TEMPLATES], "alpaca": [alpaca.TEMPLATES], "evol": [evol.TEMPLATES],
+             "self-instruct+evol": [self_instruct.TEMPLATES, evol.TEMPLATES]}[method]
+    return {k: v for p in parts for k, v in p.items()}
+
+
 def recipe(method: str) -> Recipe:
     from selfinstruct.generate import alpaca, evol, self_instruct
 
@@ -233,6 +243,8 @@ def run_generate(cfg: Config, round_no: int = 1) -> Path:
 
     gcfg = cfg.generate
     # Everything that can fail on bad input fails before anything is written.
+    use_prompts_dir(gcfg.prompts_dir)
+    check_templates(template_samples(gcfg.method))
     seeds = input_tasks(gcfg.seeds) if gcfg.method == "evol" else load_tasks(gcfg.seeds)
     extra_pool = pool_texts(gcfg.dedup_against)  # read now: a bad file fails before anything is written
     out = Path(gcfg.out) if gcfg.out else default_run_dir(gcfg.method)
@@ -271,9 +283,17 @@ def _generate(run: Run, how: Recipe) -> Path:
                 what, completed, total = how.progress(run)
                 bar.update(task, description=what, completed=completed, total=total,
                            info=f"{run.n_records} records · {sum(run.reasons.values())} rejected")
+    except OSError as e:  # the disk, not the input: what was checkpointed is safe
+        raise StorageError(f"cannot write {e.filename or run.dir}: {e.strerror or e}. Everything accepted up "
+                           "to the last completed step is on disk; free space (or fix permissions) and run the "
+                           "same command with --resume.") from None
     finally:
         run.close()
-    stats = finish(run, stopped, time.monotonic() - started)
+    try:
+        stats = finish(run, stopped, time.monotonic() - started)
+    except OSError as e:
+        raise StorageError(f"cannot write {e.filename or run.dir}: {e.strerror or e}. The records are complete; "
+                           "free space and run the same command with --resume to write stats and dataset.") from None
     print_summary(stats)
     if stopped == "stalled":
         raise StalledError(run, stats)
@@ -295,6 +315,8 @@ class StalledError(Exception):
 def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
     """stats.json and the dataset, both rebuilt from generated.jsonl, so a resumed run writes the same."""
     from selfinstruct.dataset import save_dataset
+    from selfinstruct.manifest import write_manifest
+    from selfinstruct.publish import write_card
     from selfinstruct.stats import diversity, plot_diversity
 
     records = read_jsonl(run.dir / "generated.jsonl")
@@ -325,6 +347,9 @@ def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
                                     run.cfg.generate.seed)
     plot_diversity(stats["diversity"], run.dir / "plots")
     write_json(run.dir / "stats.json", stats)
+    write_card(run.dir, stats, run.cfg, records)
+    write_manifest(run.dir, {"generate": elapsed}, stats["teacher_calls"], method=stats["method"],
+                   teacher=stats["teacher"], stopped=stopped)
     return stats
 
 

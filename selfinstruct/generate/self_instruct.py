@@ -28,6 +28,9 @@ T_INSTRUCTIONS = "self_instruct/instructions.jinja"
 T_CLASSIFY = "self_instruct/is_classification.jinja"
 T_INPUT_FIRST = "self_instruct/instances_input_first.jinja"
 T_OUTPUT_FIRST = "self_instruct/instances_output_first.jinja"
+_TASK = {"instruction": "Sort the words alphabetically."}
+TEMPLATES = {T_INSTRUCTIONS: {"instructions": ["Say hello.", "Add two numbers."]}, T_CLASSIFY: _TASK,
+             T_INPUT_FIRST: _TASK, T_OUTPUT_FIRST: _TASK}
 
 
 def sample_demos(rng: random.Random, human: list[tuple[str, str]], machine: list[tuple[str, str]],

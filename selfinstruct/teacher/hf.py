@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -49,6 +49,11 @@ class HFTeacher:
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.chat = use_chat(cfg, bool(getattr(self.tok, "chat_template", None)))
+        self.counts: Counter = Counter()
+
+    @property
+    def stats(self) -> dict:
+        return dict(self.counts)
 
     def close(self) -> None:
         self.model = None
@@ -98,8 +103,10 @@ class HFTeacher:
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tok.eos_token_id}
         completions = []
+        self.counts["tokens_in"] += int(enc["attention_mask"].sum())
         for row in out[:, prompt_len:].tolist():
             ended = any(t in eos_ids for t in row)
+            self.counts["tokens_out"] += next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
             text, stopped = cut_at_stop(self.tok.decode(row, skip_special_tokens=True), s.stop)
             full = len(row) >= s.max_tokens and not ended and not stopped
             completions.append(Completion(text, "length" if full else "stop"))

@@ -238,9 +238,14 @@ class OpenAITeacher:
                     raise UserError(f"teacher server {endpoint} rejected the request with HTTP {status}: {text[:300]}")
                 else:
                     try:
-                        out = self._parse(json.loads(text), req)
+                        data = json.loads(text)
+                        out = self._parse(data, req)
                     except (json.JSONDecodeError, AttributeError, TypeError):
                         out = None
+                    usage = data.get("usage") if out is not None and isinstance(data, dict) else None
+                    if isinstance(usage, dict):  # tokens in and out, as the server counts them
+                        self.counts["tokens_in"] += int(usage.get("prompt_tokens") or 0)
+                        self.counts["tokens_out"] += int(usage.get("completion_tokens") or 0)
                     if out is None:  # a 200 whose body is no completion: a misbehaving server, retried
                         problem = f"{endpoint}: answered 200 with a body that is not a completion: {text[:200]}"
                         self._failed(ep, "retried_bad_json")

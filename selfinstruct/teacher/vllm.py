@@ -11,6 +11,7 @@ functions (`sampling_kwargs`, `engine_kwargs`) so it is tested without vLLM or a
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from selfinstruct.config import Sampling, TeacherConfig
@@ -58,6 +59,7 @@ class VLLMTeacher:
         self._vllm = vllm
         self.cfg = cfg
         self.name = teacher_name(cfg)
+        self.counts: Counter = Counter()
         self.llm = llm if llm is not None else vllm.LLM(**engine_kwargs(cfg))
         self.chat = use_chat(cfg, bool(getattr(self.llm.get_tokenizer(), "chat_template", None)))
         self.lora = None
@@ -83,7 +85,14 @@ class VLLMTeacher:
                                  use_tqdm=False, lora_request=self.lora)
         else:
             outs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False, lora_request=self.lora)
+        for o in outs:
+            self.counts["tokens_in"] += len(o.prompt_token_ids or [])
+            self.counts["tokens_out"] += sum(len(c.token_ids) for c in o.outputs)
         return [to_completions(o, list(r.sampling.stop)) for o, r in zip(outs, requests, strict=True)]
+
+    @property
+    def stats(self) -> dict:
+        return dict(self.counts)
 
     def close(self) -> None:
         self.llm = None
