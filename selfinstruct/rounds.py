@@ -71,6 +71,21 @@ def round_config(cfg: Config, run_dir: Path, k: int) -> Config:
     return c
 
 
+def check_servable(cfg: Config) -> None:
+    """When vLLM serves the students (eval.backend vllm or openai), their adapters must be ones it can
+    load: plain LoRA with rank <= teacher.max_lora_rank (our defaults). DoRA or a larger rank is the
+    user opting out, which only the transformers backend can then run."""
+    if cfg.eval.backend not in ("vllm", "openai"):
+        return
+    if cfg.train.use_dora:
+        raise UserError("train.use_dora makes adapters vLLM cannot serve; use eval.backend: transformers, or "
+                        "plain LoRA")
+    if cfg.train.lora_r > cfg.teacher.max_lora_rank:
+        raise UserError(f"train.lora_r {cfg.train.lora_r} > teacher.max_lora_rank {cfg.teacher.max_lora_rank}: "
+                        "vLLM would refuse the adapters; raise max_lora_rank (and the server's --max-lora-rank) "
+                        "or lower lora_r")
+
+
 def run_rounds(cfg: Config) -> Path:
     from selfinstruct.evaluate import T_JUDGE, heldout_items
     from selfinstruct.generate.evol import input_tasks
@@ -85,6 +100,7 @@ def run_rounds(cfg: Config) -> Path:
         heldout_items(cfg)
         samples[T_JUDGE] = {"instruction": "Say hi.", "answer_a": "Hi.", "answer_b": "Hello."}
     check_templates(samples)
+    check_servable(cfg)
     (input_tasks if cfg.generate.method == "evol" else load_tasks)(cfg.generate.seeds)
     run_dir = Path(cfg.rounds.out or Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-rounds")
     try:

@@ -64,14 +64,16 @@ def transformers_serve(model: Path, log: Path, timeout: float = 120) -> Iterator
 class FaultyProxy:
     """A local HTTP proxy in front of a real server that misbehaves for some requests, by count:
     every `every_429`-th answers 429 (Retry-After: 0.2), every `every_500`-th 500, every
-    `every_hang`-th hangs for `hang_s` seconds. Runs uvicorn in a thread on 127.0.0.1.
+    `every_hang`-th hangs for `hang_s` seconds, every `every_garbage`-th answers 200 with non-UTF-8
+    bytes. Runs uvicorn in a thread on 127.0.0.1.
     With `lora_base`, it also plays vLLM's runtime LoRA API in front of a server that has none:
     POST /v1/load_lora_adapter registers {lora_name, lora_path} (`refuse_lora`: answers 404 as a
     server without --enable-lora does); a request naming a registered adapter is forwarded with
     the base model's name, one naming an unknown model gets 404."""
 
     def __init__(self, upstream: str, every_429: int = 4, every_500: int = 5, every_hang: int = 7,
-                 hang_s: float = 5.0, reject_response_format: bool = False, lora_base: str | None = None,
+                 hang_s: float = 5.0, every_garbage: int = 10**9, reject_response_format: bool = False,
+                 lora_base: str | None = None,
                  refuse_lora: bool = False):
         import asyncio
         import threading
@@ -113,6 +115,9 @@ class FaultyProxy:
             if n % every_500 == 0:
                 self.faults["500"] += 1
                 return Response("boom", status_code=500)
+            if n % every_garbage == 0:  # 200 with a body that is not even UTF-8
+                self.faults["garbage"] = self.faults.get("garbage", 0) + 1
+                return Response(b"\xff\xfe\x00{not json \xc3\x28", status_code=200, media_type="application/json")
             if n % every_hang == 0:
                 self.faults["hang"] += 1
                 await asyncio.sleep(hang_s)

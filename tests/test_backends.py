@@ -148,16 +148,18 @@ def test_faults_are_retried_and_counted(teacher_dir, fast_config, tmp_path):
     cfg = tmp_path / "faulty.yaml"
     cfg.write_text(fast_config.read_text() + "teacher:\n  request_timeout: 1.5\n  max_retries: 6\n"
                    "  dead_after: 100\n")
-    with transformers_serve(teacher_dir, tmp_path / "s.log") as url, FaultyProxy(url) as proxy:
+    with transformers_serve(teacher_dir, tmp_path / "s.log") as url, FaultyProxy(url, every_garbage=6) as proxy:
         run = tmp_path / "run"
         r = cli(*generate_args(teacher_dir, run, cfg, proxy.url))
         assert r.returncode == 0, r.stderr
     calls = json.loads((run / "stats.json").read_text())["teacher_calls"]
-    assert proxy.faults["429"] and proxy.faults["500"] and proxy.faults["hang"]
+    assert proxy.faults["429"] and proxy.faults["500"] and proxy.faults["hang"] and proxy.faults["garbage"]
     assert calls["retried_429"] == proxy.faults["429"] and calls["retried_500"] == proxy.faults["500"]
     assert calls["retried_timeout"] == proxy.faults["hang"]
+    assert calls["retried_bad_json"] == proxy.faults["garbage"]  # non-UTF-8 bodies too
     # every request sent is accounted for: answered, or retried for a named reason; none dropped
-    assert calls["sent"] == calls["ok"] + calls["retried_429"] + calls["retried_500"] + calls["retried_timeout"]
+    assert calls["sent"] == calls["ok"] + calls["retried_429"] + calls["retried_500"] + calls["retried_timeout"] \
+        + calls["retried_bad_json"]
     assert calls.get("failed", 0) == 0
     check = read_jsonl(run / "generated.jsonl")
     assert len({r["instruction"] for r in check}) == 3

@@ -159,3 +159,21 @@ def test_round_config_maps_generator_training_and_dedup(tmp_path):
     two = round_config(cfg, tmp_path, 2)
     assert two.teacher == cfg.teacher and two.train.data == str(tmp_path / "round-2" / "train-data.jsonl")
     assert cfg.generate.dedup_against == ["old.jsonl"]  # the run's own config is left alone
+
+
+def test_adapters_vllm_cannot_serve_are_refused_up_front(tmp_path):
+    from selfinstruct.config import Config
+    from selfinstruct.errors import UserError
+    from selfinstruct.rounds import check_servable
+
+    cfg = Config()
+    cfg.eval.backend = "vllm"
+    check_servable(cfg)  # the defaults are servable: rank 16 <= max_lora_rank 16, plain LoRA
+    cfg.train.lora_r = 64
+    with pytest.raises(UserError, match="max_lora_rank"):
+        check_servable(cfg)
+    cfg.train.lora_r, cfg.train.use_dora = 16, True
+    with pytest.raises(UserError, match="use_dora"):
+        check_servable(cfg)
+    cfg.eval.backend = "transformers"  # opting out: PEFT runs anything
+    check_servable(cfg)

@@ -211,7 +211,7 @@ class OpenAITeacher:
                 async with self._sem:
                     self.counts["sent"] += 1
                     async with self._session.post(endpoint, json=body, headers=self._headers) as resp:
-                        status, text, headers = resp.status, await resp.text(), resp.headers
+                        status, text, headers = resp.status, await resp.text(errors="replace"), resp.headers
             except asyncio.TimeoutError as e:
                 problem = f"{endpoint}: timed out after {self.cfg.request_timeout} s ({type(e).__name__})"
                 self._failed(ep, "retried_timeout")
