@@ -75,7 +75,9 @@ def check_servable(cfg: Config) -> None:
     """When vLLM serves the students (eval.backend vllm or openai), their adapters must be ones it can
     load: plain LoRA with rank <= teacher.max_lora_rank (our defaults). DoRA or a larger rank is the
     user opting out, which only the transformers backend can then run."""
-    if cfg.eval.backend not in ("vllm", "openai"):
+    from selfinstruct.evaluate import student_config
+
+    if student_config(cfg, None).backend not in ("vllm", "openai"):  # auto resolves as it will run
         return
     if cfg.train.use_dora:
         raise UserError("train.use_dora makes adapters vLLM cannot serve; use eval.backend: transformers, or "
