@@ -325,3 +325,23 @@ def test_self_instruct_then_evol_in_one_run(evol_teacher_dir, fast_config, tmp_p
     stats = json.loads((run / "stats.json").read_text())
     assert stats["evol"]["inputs"] == 3 and stats["evol"]["attempts"] == 3
     assert re.match(r"evol/\w+\.jinja@", evolved[0]["template"])
+
+
+def test_inputs_from_a_run_directory_and_a_chat_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "generated.jsonl").write_text("".join(json.dumps(
+        {"id": f"r1-00000{i}", "instruction": "Name a colour." if i < 2 else "Name a fruit.", "input": "",
+         "output": "Blue.", "method": "self-instruct"}) + "\n" for i in range(3)))
+    (run / "rejected.jsonl").write_text(json.dumps({"stage": "task", "reason": "too_short"}) + "\n")
+    slots = evol.make_slots(Config(), evol.input_tasks(run))  # rejected.jsonl is not an input
+    assert [(s.ids, s.root) for s in slots] == [(["r1-000000"], "Name a colour."), (["r1-000002"], "Name a fruit.")]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                             {"role": "user", "content": "Explain tides."},
+                                             {"role": "assistant", "content": "The moon."}]}) + "\n")
+    assert [s.root for s in evol.make_slots(Config(), evol.input_tasks(chat))] == ["Explain tides."]
+    alpaca = tmp_path / "a.json"
+    alpaca.write_text(json.dumps([{"instruction": "Translate to French.", "input": "Good day", "output": "Bonjour"}]))
+    roots = [s.root for s in evol.make_slots(Config(), evol.input_tasks(alpaca))]
+    assert roots == ["Translate to French.\n\nGood day"]
