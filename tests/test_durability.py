@@ -27,18 +27,22 @@ def start(args, env):
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(pred, proc, timeout=180):
+def wait_for(pred, proc, timeout=180) -> bool:
+    """True once `pred()` holds while `proc` runs; False if `proc` ended first (successfully)."""
     deadline = time.monotonic() + timeout
     while not pred():
-        assert proc.poll() is None, proc.stderr.read()
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read()
+            return False
         assert time.monotonic() < deadline
         time.sleep(0.02)
+    return True
 
 
 def test_sigkill_at_random_moments_then_resume(teacher_dir, fast_config, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    target = 10
+    target = 16
     rng = random.Random(1)
     with transformers_serve(teacher_dir, tmp_path / "serve.log") as url:
         args = ["generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--backend", "openai",
@@ -49,10 +53,11 @@ def test_sigkill_at_random_moments_then_resume(teacher_dir, fast_config, tmp_pat
             proc = start(args + (["--resume"] if attempt else []), env)
             # kill while steps are running: after the first checkpoint of this attempt, plus a random delay
             before = (run / "state.json").stat().st_mtime_ns if (run / "state.json").exists() else 0
-            wait_for(lambda b=before: (run / "state.json").exists() and (run / "state.json").stat().st_mtime_ns != b,
-                     proc)
-            time.sleep(rng.uniform(0.0, 1.5))
-            if proc.poll() is not None:  # it finished first
+            changed = wait_for(lambda b=before: (run / "state.json").exists()
+                               and (run / "state.json").stat().st_mtime_ns != b, proc)
+            time.sleep(rng.uniform(0.0, 0.8))
+            if not changed or proc.poll() is not None:  # it finished first
+                assert proc.wait() == 0
                 break
             proc.send_signal(signal.SIGKILL)
             proc.wait()
@@ -84,7 +89,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(teacher_dir, fast_config, tmp_path):
     args = ["generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--num-instructions", 12,
             "--out", run, "--config", fast_config]
     proc = start(args, env)
-    wait_for(lambda: (run / "state.json").exists(), proc)
+    assert wait_for(lambda: (run / "state.json").exists(), proc), "finished before Ctrl-C could land"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
