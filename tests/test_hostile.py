@@ -20,7 +20,10 @@ from selfinstruct.records import read_jsonl
 from selfinstruct.seeds import Instance, SeedTask, load_conversations, load_tasks
 from selfinstruct.teacher import Completion
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: CI sees the same examples every run (a search that finds something new must not make
+# an unrelated submission fail); raise max_examples locally to search harder.
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=4),
                            max_leaves=12)
@@ -115,7 +118,8 @@ class GarbageTeacher:
         pass
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(texts=st.lists(st.tuples(st.text(max_size=300) | st.sampled_from(
     ["Write a poem about tea.\n10. Describe the sea at night.", "Example 1\nInput: a\nOutput: b", "Yes", "No",
      "Equal", "Not Equal", "#Rewritten Prompt#: x", "Sorry.", "the of and", ""]),
