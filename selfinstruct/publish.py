@@ -102,7 +102,7 @@ def export_run(run: str | Path, fmt: str, name: str | None = None) -> Path:
     else:
         import datasets
 
-        flat = [{**r, "parents": r["parents"], "sampling": json.dumps(r["sampling"]),
+        flat = [{**r, "sampling": json.dumps(r["sampling"]),
                  "scores": json.dumps(r["scores"]), "lineage": json.dumps(r.get("lineage", {}))} for r in rows]
         tmp = target.with_name(target.name + ".tmp")
         datasets.Dataset.from_list(flat).to_parquet(str(tmp))

@@ -46,38 +46,36 @@ def tokenizer():
     return tiny.build_tokenizer()
 
 
+def trained(tmp_path_factory, tokenizer, name: str, examples, steps: int, hidden: int = 96, seed: int = 0) -> Path:
+    model = tiny.build_model(tokenizer, hidden=hidden, layers=2, seed=seed)
+    tiny.finetune(model, tokenizer, examples, steps=steps, batch=8, lr=5e-3)
+    return tiny.save(model, tokenizer, tmp_path_factory.mktemp(name))
+
+
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama fine-tuned for ~15 s on well-formed answers to our Self-Instruct prompts."""
-    model = tiny.build_model(tokenizer, hidden=96, layers=2)
-    tiny.finetune(model, tokenizer, tiny.teacher_examples(), steps=200, batch=8, lr=5e-3)
-    return tiny.save(model, tokenizer, tmp_path_factory.mktemp("teacher"))
+    return trained(tmp_path_factory, tokenizer, "teacher", tiny.teacher_examples(), steps=200)
 
 
 @pytest.fixture(scope="session")
 def alpaca_teacher_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama fine-tuned on well-formed continuations of the Alpaca prompt only."""
-    model = tiny.build_model(tokenizer, hidden=96, layers=2, seed=2)
-    tiny.finetune(model, tokenizer, tiny.alpaca_examples(), steps=150, batch=8, lr=5e-3)
-    return tiny.save(model, tokenizer, tmp_path_factory.mktemp("alpaca_teacher"))
+    return trained(tmp_path_factory, tokenizer, "alpaca_teacher", tiny.alpaca_examples(), steps=150, seed=2)
 
 
 @pytest.fixture(scope="session")
 def evol_teacher_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama fine-tuned (~20 s) on the Evol-Instruct prompts (with a share of the failures the
     elimination rules catch) and on the Self-Instruct prompts, for self-instruct+evol."""
-    model = tiny.build_model(tokenizer, hidden=96, layers=2, seed=3)
-    tiny.finetune(model, tokenizer, tiny.evol_examples() + tiny.teacher_examples(n_each=60), steps=300, batch=8,
-                  lr=5e-3)
-    return tiny.save(model, tokenizer, tmp_path_factory.mktemp("evol_teacher"))
+    examples = tiny.evol_examples() + tiny.teacher_examples(n_each=60)
+    return trained(tmp_path_factory, tokenizer, "evol_teacher", examples, steps=300, seed=3)
 
 
 @pytest.fixture(scope="session")
 def judge_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama fine-tuned (~10 s) to answer the pairwise judge prompt with [[A]] / [[B]] / [[C]]."""
-    model = tiny.build_model(tokenizer, hidden=64, layers=2, seed=4)
-    tiny.finetune(model, tokenizer, tiny.judge_examples(), steps=120, batch=8, lr=5e-3)
-    return tiny.save(model, tokenizer, tmp_path_factory.mktemp("judge"))
+    return trained(tmp_path_factory, tokenizer, "judge", tiny.judge_examples(), steps=120, hidden=64, seed=4)
 
 
 @pytest.fixture(scope="session")

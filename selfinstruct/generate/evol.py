@@ -35,7 +35,7 @@ from typing import Any
 
 from selfinstruct.config import EVOL_OPERATIONS, Config, EvolWeights
 from selfinstruct.dedup import normalise
-from selfinstruct.filters import check_evolved_response, check_instruction, copies_prompt_words
+from selfinstruct.filters import check_evolved_response, copies_prompt_words
 from selfinstruct.generate.loop import Run
 from selfinstruct.generate.parse import parse_equal
 from selfinstruct.generate.self_instruct import public, seeded
@@ -136,26 +136,17 @@ def rewrite_requests(run: Run, evol_round: int, start: int, end: int) -> tuple[l
 
 def screen(run: Run, slot: Slot, text: str, truncated: bool) -> tuple[str, dict[str, Any]]:
     """The checks that need no teacher; '' when the evolution passes (and then joins the pool)."""
-    ecfg = run.cfg.generate.evol
     if truncated:
         return "truncated_evolution", {}
     if not text:
         return "empty_evolution", {}
-    if copies_prompt_words(text, ecfg.copy_phrases):
+    if copies_prompt_words(text, run.cfg.generate.evol.copy_phrases):
         return "copies_prompt_words", {}
     if normalise(text) == normalise(slot.text):
         return "no_information_gain", {}
-    ok, reason = check_instruction(text, run.cfg.filters)
-    if not ok:
-        return reason, {}
     lineage = {run.pool.first_index[t] for t in slot.texts if t in run.pool.first_index}
-    score, j = run.pool.best(text, lineage)
-    extra = {"rouge_max": round(score, 4), "nearest": run.pool.texts[j] if j >= 0 else ""}
-    if score >= run.cfg.filters.rouge_threshold:
-        return "rouge_similar", extra
-    extra["pool_index"] = len(run.pool)
-    run.pool.add(text)
-    return "", extra
+    ok, reason, extra = run.screen(text, None, lineage)  # no target cap: every evolution is attempted
+    return ("" if ok else reason), extra
 
 
 def step(run: Run) -> None:
@@ -199,7 +190,7 @@ def step(run: Run) -> None:
 
     records: list[Record] = []
     sampling = {"evolve": public(ecfg.evolve_sampling), "response": public(ecfg.response_sampling)}
-    t_response = template_id(T_RESPONSE)
+    templates = {op: f"{template_id(T_OPS[op])}+{template_id(T_RESPONSE)}" for op in set(ops)}
     for (k, op, text, extra), judged, resp in zip(cands, answers[:len(cands)], answers[len(cands):], strict=True):
         slot, c = slots[k], resp[0]
         equal = parse_equal(judged[0].text)
@@ -220,7 +211,7 @@ def step(run: Run) -> None:
             continue
         rec = Record(
             id=run.next_id(), instruction=text, output=c.text.strip(), method=f"evol:{op}", round=run.round,
-            parents=[slot.ids[-1]], teacher=run.teacher.name, template=f"{template_id(T_OPS[op])}+{t_response}",
+            parents=[slot.ids[-1]], teacher=run.teacher.name, template=templates[op],
             sampling=sampling, scores={"rouge_max": extra["rouge_max"], "judged_equal": equal},
             lineage={"depth": len(slot.ops) + 1, "operations": [*slot.ops, op], "chain": list(slot.ids),
                      "slot": k, "evol_round": r + 1})

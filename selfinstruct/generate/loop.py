@@ -15,7 +15,7 @@ import dataclasses
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -115,20 +115,23 @@ class Run:
             "counts": dict(self.counts), "reasons": dict(self.reasons),
             "sizes": {name: (self.dir / name).stat().st_size for name in OUTPUT_FILES}})
 
-    def screen(self, instruction: str, n_fresh: int) -> tuple[bool, str, dict[str, Any]]:
-        """The instruction filters, then ROUGE-L against the pool, then the target cap. A kept
-        instruction joins the pool at once, so later candidates of the same step see it."""
+    def screen(self, instruction: str, n_fresh: int | None,
+               exclude: Collection[int] = ()) -> tuple[bool, str, dict[str, Any]]:
+        """The instruction filters, then ROUGE-L against the pool (leaving out the indices in `exclude`),
+        then the target cap (`n_fresh`: instructions this step has kept so far; None: no cap). A kept
+        instruction joins the pool at once, so later candidates of the same step see it; its pool
+        position is returned as extra["pool_index"]."""
         ok, reason = check_instruction(instruction, self.cfg.filters)
         if not ok:
             return False, reason, {}
-        score, j = self.pool.best(instruction)
+        score, j = self.pool.best(instruction, exclude)
         extra = {"rouge_max": round(score, 4), "nearest": self.pool.texts[j] if j >= 0 else ""}
         if score >= self.cfg.filters.rouge_threshold:
             return False, "rouge_similar", extra
-        if self.accepted_instructions + n_fresh >= self.cfg.generate.num_instructions:
+        if n_fresh is not None and self.accepted_instructions + n_fresh >= self.cfg.generate.num_instructions:
             return False, "over_target", extra
         self.pool.add(instruction)
-        return True, "", extra
+        return True, "", {**extra, "pool_index": len(self.pool) - 1}
 
     @property
     def accepted_instructions(self) -> int:

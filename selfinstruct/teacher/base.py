@@ -69,9 +69,13 @@ def adapter_name(lora_path: str) -> str:
     return f"{where}-{h.hexdigest()[:10]}"
 
 
-def teacher_name(cfg: TeacherConfig) -> str:
-    """The name records and the cache know a generator by: the model, plus the adapter if any."""
-    return f"{cfg.model}+{adapter_name(cfg.lora_path)}" if cfg.lora_path else cfg.model
+def teacher_name(cfg: TeacherConfig) -> tuple[str, str | None]:
+    """The name records and the cache know a generator by (the model, plus the adapter if any), and the
+    adapter's own name (None without one); the adapter's weights are hashed once, here."""
+    if not cfg.lora_path:
+        return cfg.model, None
+    adapter = adapter_name(cfg.lora_path)
+    return f"{cfg.model}+{adapter}", adapter
 
 
 def make_teacher(cfg: TeacherConfig) -> Teacher:

@@ -35,7 +35,7 @@ class HFTeacher:
 
     def __init__(self, cfg: TeacherConfig):
         self.cfg = cfg
-        self.name = teacher_name(cfg)
+        self.name = teacher_name(cfg)[0]
         self.model, self.tok = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype,
                                                         cfg.trust_remote_code, "teacher")
         if cfg.lora_path:  # a student: base + LoRA, prompted with the chat template it was trained with

@@ -34,7 +34,7 @@ import aiohttp
 
 from selfinstruct.config import TeacherConfig
 from selfinstruct.errors import TeacherError, UserError
-from selfinstruct.teacher.base import Completion, Request, adapter_name, cut_at_stop, teacher_name
+from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -76,10 +76,10 @@ class OpenAITeacher:
         if not cfg.base_urls:
             raise UserError("the openai backend needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)")
         self.cfg = cfg
-        self.name = teacher_name(cfg)
+        self.name, adapter = teacher_name(cfg)
         # A student adapter is loaded into each server at runtime (vllm serve --enable-lora with
         # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) and requested by its name.
-        self.served = adapter_name(cfg.lora_path) if cfg.lora_path else cfg.model
+        self.served = adapter or cfg.model
         self._adapter_loaded = not cfg.lora_path
         self.endpoints = [Endpoint(normalise_url(u)) for u in cfg.base_urls]
         self.chat = cfg.prompt_format != "completion"

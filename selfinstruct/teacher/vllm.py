@@ -16,7 +16,7 @@ from typing import Any
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import UserError
-from selfinstruct.teacher.base import Completion, Request, adapter_name, cut_at_stop, teacher_name, use_chat
+from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, use_chat
 
 
 def sampling_kwargs(s: Sampling) -> dict[str, Any]:
@@ -58,7 +58,7 @@ class VLLMTeacher:
                             "teacher with `vllm serve` and use --backend openai") from None
         self._vllm = vllm
         self.cfg = cfg
-        self.name = teacher_name(cfg)
+        self.name, adapter = teacher_name(cfg)
         self.counts: Counter = Counter()
         self.llm = llm if llm is not None else vllm.LLM(**engine_kwargs(cfg))
         self.chat = use_chat(cfg, bool(getattr(self.llm.get_tokenizer(), "chat_template", None)))
@@ -66,7 +66,7 @@ class VLLMTeacher:
         if cfg.lora_path is not None:
             from vllm.lora.request import LoRARequest
 
-            self.lora = LoRARequest(adapter_name(cfg.lora_path), 1, cfg.lora_path)
+            self.lora = LoRARequest(adapter, 1, cfg.lora_path)
 
     def _params(self, req: Request) -> Any:
         kw = sampling_kwargs(req.sampling)
