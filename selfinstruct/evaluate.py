@@ -103,7 +103,10 @@ def win_rate(scores: list[float | None]) -> dict[str, Any]:
 
 
 def heldout_items(cfg: Config) -> list[dict[str, str]]:
-    tasks = load_tasks(cfg.eval.heldout)
+    try:
+        tasks = load_tasks(cfg.eval.heldout)
+    except UserError as e:
+        raise UserError(f"held-out set (--heldout / eval.heldout): {e.problem}", e.path, e.line) from None
     if cfg.eval.max_items is not None:
         tasks = tasks[: cfg.eval.max_items]
     return [{"id": t.id, "prompt": user_turn(t.instruction, t.instances[0].input), "reference": t.instances[0].output}

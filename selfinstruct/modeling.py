@@ -15,6 +15,23 @@ def pick_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+def _cannot_load(role: str, name: str, e: Exception) -> UserError:
+    return UserError(
+        f"cannot load {role} model '{name}': {str(e).splitlines()[0]}\n"
+        f"If the Hugging Face hub is unreachable from here, download the model elsewhere and pass "
+        f"--{role} PATH to its local directory.")
+
+
+def check_model(name: str, trust_remote_code: bool, role: str) -> None:
+    """Fail now, cheaply (its config only), if a model that a later stage loads cannot be found."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _cannot_load(role, name, e) from None
+
+
 def load_model_and_tokenizer(name: str, device: str, dtype: str, trust_remote_code: bool, role: str,
                              **load_kwargs: object) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load from the hub or a local path; a missing model (or no hub access) is a clear UserError.
@@ -30,10 +47,7 @@ def load_model_and_tokenizer(name: str, device: str, dtype: str, trust_remote_co
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                                                      **load_kwargs)
     except (OSError, ValueError) as e:
-        raise UserError(
-            f"cannot load {role} model '{name}': {str(e).splitlines()[0]}\n"
-            f"If the Hugging Face hub is unreachable from here, download the model elsewhere and pass "
-            f"--{role} PATH to its local directory.") from None
+        raise _cannot_load(role, name, e) from None
     if "device_map" not in load_kwargs:  # a quantized model is placed by its loader
         model = model.to(device)
     return model.eval(), tok

@@ -31,6 +31,7 @@ from rich.table import Table
 from selfinstruct.config import Config, dump_yaml
 from selfinstruct.errors import UserError
 from selfinstruct.manifest import write_manifest
+from selfinstruct.modeling import check_model
 from selfinstruct.records import read_jsonl, write_atomic, write_json
 from selfinstruct.seeds import load_tasks
 
@@ -103,6 +104,14 @@ def run_rounds(cfg: Config) -> Path:
         samples[T_JUDGE] = {"instruction": "Say hi.", "answer_a": "Hi.", "answer_b": "Hello."}
     check_templates(samples)
     check_servable(cfg)
+    # Models that later stages load here: the student (trained every round), and the teacher and judge
+    # when they run in-process, so a typo fails now and not after round 1's generation.
+    trust = cfg.teacher.trust_remote_code
+    check_model(cfg.train.student, trust, "student")
+    if cfg.teacher.backend != "openai" and not cfg.teacher.base_urls and not cfg.teacher.launch:
+        check_model(cfg.teacher.model, trust, "teacher")
+        if cfg.rounds.evaluate and cfg.eval.judge:
+            check_model(cfg.eval.judge, trust, "judge")
     (input_tasks if cfg.generate.method == "evol" else load_tasks)(cfg.generate.seeds)
     run_dir = Path(cfg.rounds.out or Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-rounds")
     try:

@@ -177,3 +177,15 @@ def test_adapters_vllm_cannot_serve_are_refused_up_front(tmp_path):
         check_servable(cfg)
     cfg.eval.backend = "transformers"  # opting out: PEFT runs anything
     check_servable(cfg)
+
+
+def test_bad_student_or_heldout_fails_before_anything_is_written(teacher_dir, tmp_path):
+    base = ["run", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--rounds", 2]
+    r = cli(*base, "--student", tmp_path / "no-student", "--heldout", ROOT / "heldout", "--out", tmp_path / "a")
+    assert r.returncode == 2 and "cannot load student model" in r.stderr and "--student PATH" in r.stderr
+    r = cli(*base, "--student", teacher_dir, "--heldout", tmp_path / "missing.jsonl", "--out", tmp_path / "b")
+    assert r.returncode == 2 and "held-out set (--heldout / eval.heldout)" in r.stderr and "missing.jsonl" in r.stderr
+    r = cli(*base, "--student", teacher_dir, "--judge", tmp_path / "no-judge", "--heldout", ROOT / "heldout",
+            "--out", tmp_path / "c")
+    assert r.returncode == 2 and "cannot load judge model" in r.stderr
+    assert not any((tmp_path / d).exists() for d in "abc")
