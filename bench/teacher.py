@@ -1,6 +1,13 @@
-"""Throughput of the openai backend against a local server with a fixed per-request delay.
+"""Teacher throughput: the openai client against a local server, and the in-process backends compared.
 
     python bench/teacher.py [--n 2000] [--delay 0.05] [--concurrency 64]
+    python bench/teacher.py --compare-backends MODEL [--inputs 12] [--max-tokens 160]
+
+`--compare-backends` runs the same generation (Evol-Instruct over tests/data/plain_tasks.jsonl, one
+round, same seed and sampling, no cache) once on the transformers backend and once on vLLM in-process
+(CPU build or CUDA, whichever is installed), each in its own process, and prints generated tokens per
+second and accepted records per minute of each, the ratio, and each backend's start-up time. This is
+what `--backend auto` is decided by: vLLM wherever it is installed and can run.
 
 The server (uvicorn in a child process, 127.0.0.1) answers every chat completion after `delay`
 seconds with no limit on parallelism, so the ideal time is n * delay / concurrency. Prints achieved
@@ -44,12 +51,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+COMPARE = """\
+teacher: {{backend: {backend}, max_model_len: 2048, cache: null}}
+generate:
+  method: evol
+  seed: 7
+  evol:
+    rounds: 1
+    batch_size: {inputs}
+    max_inputs: {inputs}
+    evolve_sampling: {{temperature: 1.0, max_tokens: 64}}
+    response_sampling: {{temperature: 1.0, max_tokens: {max_tokens}}}
+    equality_sampling: {{temperature: 0.0, max_tokens: 4}}
+"""
+
+
+def compare_backends(model: str, inputs: int, max_tokens: int) -> None:
+    """The same Evol-Instruct generation on transformers and on vLLM, each in a fresh process."""
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    rows = {}
+    for backend in ("transformers", "vllm"):
+        d = Path(tempfile.mkdtemp(prefix=f"bench-{backend}-"))
+        (d / "c.yaml").write_text(COMPARE.format(backend=backend, inputs=inputs, max_tokens=max_tokens))
+        t0 = time.perf_counter()
+        r = subprocess.run(["selfinstruct", "generate", "--seeds", str(root / "tests" / "data" / "plain_tasks.jsonl"),
+                            "--teacher", model, "--out", str(d / "run"), "--config", str(d / "c.yaml")],
+                           capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            sys.exit(f"{backend} failed:\n{r.stderr[-3000:]}")
+        stats = json.loads((d / "run" / "stats.json").read_text())
+        gen = stats["elapsed_s"]
+        tokens = stats["teacher_calls"].get("tokens_out", 0)
+        rows[backend] = {"tokens_out": tokens, "generate_s": gen, "startup_s": round(wall - gen, 1),
+                         "tokens_per_s": round(tokens / gen, 1), "accepted": stats["accepted_records"],
+                         "accepted_per_min": round(60 * stats["accepted_records"] / gen, 2),
+                         "requests": sum(stats["requests"].values())}
+        print(backend, json.dumps(rows[backend]), flush=True)
+    ratio = rows["vllm"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"]
+    print(f"vLLM / transformers: {ratio:.2f}x generated tokens per second "
+          f"({rows['vllm']['tokens_per_s']} vs {rows['transformers']['tokens_per_s']} tok/s); start-up "
+          f"{rows['vllm']['startup_s']} s vs {rows['transformers']['startup_s']} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--delay", type=float, default=0.05)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--compare-backends", metavar="MODEL", help="a model directory or .gguf file")
+    ap.add_argument("--inputs", type=int, default=12, help="with --compare-backends: instructions evolved")
+    ap.add_argument("--max-tokens", type=int, default=160, help="with --compare-backends: response length")
     args = ap.parse_args()
+    if args.compare_backends:
+        compare_backends(args.compare_backends, args.inputs, args.max_tokens)
+        return
 
     from selfinstruct.config import Sampling, TeacherConfig
     from selfinstruct.teacher import Request

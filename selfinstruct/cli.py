@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -227,13 +230,14 @@ def preview(cfg: Config, n: int, as_json: bool) -> int:
     from transformers import AutoTokenizer
 
     from selfinstruct.dataset import load_training_data
+    from selfinstruct.modeling import resolve_model
     from selfinstruct.train import IGNORE, prepare_tokenizer, tokenize_conversation
 
     if cfg.train.data is None:
         raise UserError("train --preview needs --data")
     convs, _ = load_training_data(cfg.train.data)
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.train.student)
+        tok = AutoTokenizer.from_pretrained(resolve_model(cfg.train.student))
     except OSError as e:
         raise UserError(f"cannot load the student's tokenizer '{cfg.train.student}': {e}") from None
     prepare_tokenizer(tok, cfg.train.chat_template)
@@ -256,10 +260,44 @@ def preview(cfg: Config, n: int, as_json: bool) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, `timeout` and schedulers send): handled like Ctrl-C, so every context manager
+    runs (a launched server is stopped, the vLLM engine ends with the run) and the run stays resumable."""
+
+
+GRACE_S = 60.0  # how long an interrupted run may take to stop before the watchdog ends it
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT and SIGTERM raise in the main thread. A native call may swallow that (vLLM's engine start-up
+    polls a zmq socket for minutes), so a watchdog also ends the engine's processes and exits if the run
+    has not stopped within GRACE_S seconds."""
+    code = 143 if signum == signal.SIGTERM else 130
+    watchdog = threading.Timer(GRACE_S, _force_exit, args=(code,))
+    watchdog.daemon = True
+    watchdog.start()
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _force_exit(code: int) -> None:
+    import multiprocessing
+
+    children = multiprocessing.active_children()  # vLLM's EngineCore processes (they end their workers)
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    console.print("[red]the run did not stop in time after the signal; its engine processes were ended.[/]")
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     from selfinstruct.generate.loop import StalledError
 
     args = build_parser().parse_args(argv)
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return args.func(args)
     except UserError as e:
@@ -268,10 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, StalledError) as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         console.print("[yellow]interrupted.[/] Everything accepted so far is on disk; run the same command "
                       "with --resume to continue.")
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if "vllm" in sys.modules:  # end the engine's worker processes with the run, whatever ended it
+            from selfinstruct.teacher.vllm import shutdown_engines
+
+            shutdown_engines()
 
 
 if __name__ == "__main__":

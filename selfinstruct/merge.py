@@ -21,13 +21,15 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from selfinstruct.modeling import resolve_model
+
     adapter, out = Path(adapter), Path(out)
     cfg_path = adapter / "adapter_config.json"
     if not cfg_path.exists():
         raise UserError("not a LoRA adapter directory (no adapter_config.json)", adapter)
     base = base or json.loads(cfg_path.read_text())["base_model_name_or_path"]
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(base), dtype=torch.float32)
     except OSError as e:
         raise UserError(f"cannot load the base model '{base}': {str(e).splitlines()[0]}; pass --base PATH") from None
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()

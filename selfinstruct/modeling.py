@@ -1,13 +1,25 @@
-"""Loading models and tokenizers from the hub or a local path, with a clear error when that fails."""
+"""Loading models and tokenizers from the hub, a local path or a .gguf file, with a clear error when that fails.
+
+    model, tok = load_model_and_tokenizer("Qwen/Qwen2.5-0.5B", "auto", "auto", False, "student")
+    path = resolve_model("SmolLM2-135M-Instruct.Q4_1.gguf")   # a directory every backend loads
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
 import torch
+from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from selfinstruct.errors import UserError
 
+console = Console(stderr=True)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -26,6 +38,7 @@ def check_model(name: str, trust_remote_code: bool, role: str) -> None:
     """Fail now, cheaply (its config only), if a model that a later stage loads cannot be found."""
     from transformers import AutoConfig
 
+    name = resolve_model(name)  # a .gguf file is converted now, once, rather than after round 1
     try:
         AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -37,6 +50,7 @@ def load_model_and_tokenizer(name: str, device: str, dtype: str, trust_remote_co
     """Load from the hub or a local path; a missing model (or no hub access) is a clear UserError.
     `load_kwargs` go to from_pretrained (attn_implementation, quantization_config, device_map)."""
     hf_logging.disable_progress_bar()  # our own progress display is the one to watch
+    name = resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         device = pick_device(device)
@@ -51,3 +65,58 @@ def load_model_and_tokenizer(name: str, device: str, dtype: str, trust_remote_co
     if "device_map" not in load_kwargs:  # a quantized model is placed by its loader
         model = model.to(device)
     return model.eval(), tok
+
+
+# ---------------------------------------------------------------- GGUF files (llama.cpp, Ollama)
+
+
+def gguf_cache_dir() -> Path:
+    """Where converted GGUF models live: $XDG_CACHE_HOME (or ~/.cache)/selfinstruct/models."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfinstruct" / "models"
+
+
+def _gguf_fingerprint(path: Path) -> str:
+    """A cheap identity of a GGUF file: its size and hashes of its first and last 16 MiB (a 40 GB file
+    is not read whole on every run; a re-quantised file differs in its header and tail)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(16 << 20))
+        fh.seek(max(0, size - (16 << 20)))
+        h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
+def resolve_model(name: str, cache_dir: Path | None = None) -> str:
+    """`name` itself, unless it is a .gguf file: then a model directory converted from it once
+    (dequantised to float32 safetensors, with its tokenizer and chat template) that transformers, vLLM
+    and `transformers serve` all load. Later calls find the conversion in the cache."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() != ".gguf":
+        return name
+    if not path.is_file():
+        raise UserError("no such GGUF file", path)
+    out = (cache_dir or gguf_cache_dir()) / f"{path.stem}-{_gguf_fingerprint(path)}"
+    if (out / "config.json").exists():
+        return str(out)
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading a .gguf model needs the gguf package: pip install gguf", path)
+    console.print(f"converting {path.name} to a model directory (once): {out}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"cannot read the GGUF model: {str(e).splitlines()[0]}", path) from None
+    # A model loaded from GGUF refuses save_pretrained; a fresh model of the same config takes its weights.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantised: vLLM must not look for GGUF
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)  # a parallel conversion may have won
+    return str(out)

