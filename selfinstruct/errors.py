@@ -32,3 +32,7 @@ class StorageError(RunError):
 
 class RemoteError(RunError):
     """A remote service other than the teacher failed (the hub on --push-to-hub): CLI exit code 1."""
+
+
+class JudgeError(RunError):
+    """The judge's verdicts could not be read often enough for a win rate to mean anything."""

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from selfinstruct.config import Config, TeacherConfig
-from selfinstruct.errors import UserError
+from selfinstruct.errors import JudgeError, UserError
 from selfinstruct.prompts import render
 from selfinstruct.records import JsonlAppender, read_jsonl, user_turn, write_atomic, write_json
 from selfinstruct.seeds import load_tasks
@@ -115,13 +115,12 @@ def heldout_items(cfg: Config) -> list[dict[str, str]]:
 
 def student_config(cfg: Config, adapter: str | Path | None) -> TeacherConfig:
     """The student (base, or base + a round's adapter) as a generator, on `eval.backend`."""
-    backend = cfg.eval.backend
-    if backend == "auto":
-        from selfinstruct.teacher.base import vllm_usable
+    from selfinstruct.teacher.base import resolve_backend
 
-        backend = "vllm" if vllm_usable() else "transformers"
+    backend = resolve_backend(cfg.eval.backend, [])
     return dataclasses.replace(cfg.teacher, model=cfg.train.student, backend=backend, launch=False,
                                lora_path=str(adapter) if adapter else None,
+                               enable_lora=cfg.teacher.enable_lora or backend == "vllm",  # one engine, all adapters
                                base_urls=cfg.teacher.base_urls if backend == "openai" else [])
 
 
@@ -196,8 +195,17 @@ def compare(cfg: Config, judge: Any, items: list[dict[str, str]], candidate: lis
     with JsonlAppender(out) as f:
         f.write_many(rows)
     result = win_rate(scores)
-    result["unparsed_verdicts"] = sum(r[o]["verdict"] is None for r in rows for o in ("candidate_first",
-                                                                                       "candidate_second"))
+    unparsed = sum(r[o]["verdict"] is None for r in rows for o in ("candidate_first", "candidate_second"))
+    total = 2 * len(rows)
+    result.update(unparsed_verdicts=unparsed, unparsed_share=round(unparsed / total, 4) if total else 0.0)
+    if total and unparsed / total > cfg.eval.max_unparsed_share:
+        sample = next((r["candidate_first"]["raw"] for r in rows if r["candidate_first"]["verdict"] is None), "")
+        raise JudgeError(
+            f"{label}: the judge's verdict could not be read in {unparsed} of {total} verdicts "
+            f"({100 * unparsed / total:.0f}%), more than eval.max_unparsed_share = {cfg.eval.max_unparsed_share}. "
+            f"A reply: {sample[:200]!r}. Its raw replies are in {out}. Use a judge that follows the "
+            "[[A]] / [[B]] / [[C]] format (eval.judge), give it more eval.judge_sampling.max_tokens, or raise "
+            "eval.max_unparsed_share.")
     return result
 
 

@@ -38,11 +38,28 @@ def check_instruction(text: str, cfg: FilterConfig) -> tuple[bool, str]:
 
 
 def check_instance(inst: Instance) -> tuple[bool, str]:
+    """Self-Instruct's instance filters (filter_invalid_instances): an empty output, input equal to output,
+    and an input or output ending with ':' (an unfinished generation)."""
     if not inst.output.strip():
         return False, "empty_output"
     if inst.input.strip() == inst.output.strip():
         return False, "input_equals_output"
+    if inst.input.strip().endswith(":") or inst.output.strip().endswith(":"):
+        return False, "ends_with_colon"
     return True, ""
+
+
+def is_rouge_similar(score: float, cfg: FilterConfig) -> bool:
+    """Whether an instruction this close to the pool is dropped: at or above the threshold (the paper's
+    "< 0.7" keeps), or, with `rouge_keep_equal`, only above it (the original code's `<= 0.7` keeps)."""
+    return score > cfg.rouge_threshold if cfg.rouge_keep_equal else score >= cfg.rouge_threshold
+
+
+def check_evolved_instruction(text: str) -> tuple[bool, str]:
+    """What an evolved instruction must pass before the elimination rules: only that it is not empty.
+    WizardLM applies none of Self-Instruct's instruction filters (length cap, keyword blacklist, "Write a
+    program", leading punctuation): a rewrite that adds a table, code or a file's content must evolve."""
+    return (True, "") if text.strip() else (False, "empty_evolution")
 
 
 def clean_instances(instances: list[Instance], limit: int) -> tuple[list[Instance], list[tuple[Instance, str]]]:

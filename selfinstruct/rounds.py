@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from selfinstruct.config import Config, dump_yaml
-from selfinstruct.errors import UserError
+from selfinstruct.errors import RunError, UserError
 from selfinstruct.manifest import write_manifest
 from selfinstruct.modeling import check_model
 from selfinstruct.records import read_jsonl, write_atomic, write_json
@@ -89,6 +89,27 @@ def check_servable(cfg: Config) -> None:
                         "or lower lora_r")
 
 
+def share_engine(cfg: Config) -> None:
+    """When students run on in-process vLLM, the teacher's and judge's engines get LoRA support too, so
+    one engine serves them all when they share a base model (an engine start costs a minute or more)."""
+    from selfinstruct.evaluate import student_config
+
+    if student_config(cfg, None).backend == "vllm":
+        cfg.teacher.enable_lora = True
+
+
+def free_accelerator() -> None:
+    """Training needs the GPU memory a vLLM engine holds: end it first (on CPU it stays, for the next stage)."""
+    import sys
+
+    import torch
+
+    if "vllm" in sys.modules and torch.cuda.is_available():
+        from selfinstruct.teacher.vllm import shutdown_engines
+
+        shutdown_engines()
+
+
 def run_rounds(cfg: Config) -> Path:
     from selfinstruct.evaluate import T_JUDGE, heldout_items
     from selfinstruct.generate.evol import input_tasks
@@ -104,6 +125,7 @@ def run_rounds(cfg: Config) -> Path:
         samples[T_JUDGE] = {"instruction": "Say hi.", "answer_a": "Hi.", "answer_b": "Hello."}
     check_templates(samples)
     check_servable(cfg)
+    share_engine(cfg)
     # Models that later stages load here: the student (trained every round), and the teacher and judge
     # when they run in-process, so a typo fails now and not after round 1's generation.
     trust = cfg.teacher.trust_remote_code
@@ -136,7 +158,12 @@ def run_rounds(cfg: Config) -> Path:
             if c.train.data.endswith("train-data.jsonl"):  # all data so far, rounds 1..k
                 rows = [r for j in range(1, k + 1) for r in read_jsonl(run_dir / f"round-{j}" / "generate" /
                                                                         "generated.jsonl")]
+                if not rows:
+                    raise RunError(f"round {k}: the generator accepted no record, so there is nothing to train on "
+                                   f"(why: {gen / 'stats.json'}, {gen / 'rejected.jsonl'}). Try a stronger "
+                                   "teacher, longer max_tokens, or more instructions.")
                 write_atomic(Path(c.train.data), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            free_accelerator()
             run_train(c)
             metrics = json.loads((train / "metrics.json").read_text())
             finish_stage(train, "train", k, started, {"train_examples": metrics["train_examples"],
@@ -163,6 +190,7 @@ def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     from selfinstruct.prompts import use_prompts_dir
 
     use_prompts_dir(cfg.generate.prompts_dir)
+    share_engine(cfg)
     k = 1
     while stage_done(run_dir / f"round-{k}" / "train"):
         ev = run_dir / f"round-{k}" / "eval"

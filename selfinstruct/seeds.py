@@ -4,8 +4,9 @@
     chats = load_conversations("data.jsonl")  # the same formats, as message lists for training
 
 Formats, recognised per record:
-- Self-Instruct seed task: {"id", "name", "instruction", "instances": [{"input", "output"}],
-  "is_classification"} -- exactly the fields of Self-Instruct's seed_tasks.jsonl.
+- Self-Instruct seed task: {"instruction", "instances": [{"input", "output"}]}, optionally "id" (default
+  <file stem>-<position>), "is_classification" (default false) and "name" (unused), as in
+  Self-Instruct's seed_tasks.jsonl.
 - Alpaca: {"instruction", "input" (optional), "output"}.
 - Chat: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}.
 A bad record stops loading with the file, the line and the problem (exit code 2 from the CLI).
@@ -20,7 +21,6 @@ from typing import Any
 from selfinstruct.errors import UserError
 from selfinstruct.records import read_rows, user_turn
 
-SELF_INSTRUCT_FIELDS = ("id", "name", "instruction", "instances", "is_classification")
 ROLES = ("system", "user", "assistant")
 
 
@@ -78,12 +78,11 @@ def _task(row: dict[str, Any], f: Path, line: int, default_id: str) -> SeedTask:
         return SeedTask(id=str(row.get("id", default_id)), instruction=user,
                         instances=[Instance("", reply)])
     if "instances" in row:
-        missing = [k for k in SELF_INSTRUCT_FIELDS if k not in row]
-        if missing:
-            raise UserError(f"Self-Instruct seed task is missing field(s): {', '.join(missing)}", f, line)
-        _expect(row, "id", str, f, line)
-        _expect(row, "name", str, f, line)
-        _expect(row, "is_classification", bool, f, line)
+        # Generation reads the instruction and the instances; id and is_classification default, and
+        # Self-Instruct's `name` is kept when present (a string) but never needed.
+        for key, typ in (("id", str), ("name", str), ("is_classification", bool)):
+            if key in row:
+                _expect(row, key, typ, f, line)
         instances = row["instances"]
         if not isinstance(instances, list) or not instances:
             raise UserError("'instances' must be a non-empty list of {input, output} objects", f, line)
@@ -95,8 +94,8 @@ def _task(row: dict[str, Any], f: Path, line: int, default_id: str) -> SeedTask:
             if not inst["output"].strip():
                 raise UserError(f"instances[{i}] has an empty 'output'", f, line)
             parsed.append(Instance(inst["input"], inst["output"]))
-        return SeedTask(id=row["id"], name=row["name"], instruction=_instruction(row, f, line),
-                        instances=parsed, is_classification=row["is_classification"])
+        return SeedTask(id=row.get("id", default_id), name=row.get("name", ""), instruction=_instruction(row, f, line),
+                        instances=parsed, is_classification=row.get("is_classification", False))
     if "instruction" in row:
         _expect(row, "output", str, f, line)
         inp = row.get("input", "")

@@ -64,17 +64,17 @@ def transformers_serve(model: Path, log: Path, timeout: float = 120) -> Iterator
 class FaultyProxy:
     """A local HTTP proxy in front of a real server that misbehaves for some requests, by count:
     every `every_429`-th answers 429 (Retry-After: 0.2), every `every_500`-th 500, every
-    `every_hang`-th hangs for `hang_s` seconds, every `every_garbage`-th answers 200 with non-UTF-8
-    bytes. Runs uvicorn in a thread on 127.0.0.1.
-    With `lora_base`, it also plays vLLM's runtime LoRA API in front of a server that has none:
-    POST /v1/load_lora_adapter registers {lora_name, lora_path} (`refuse_lora`: answers 404 as a
-    server without --enable-lora does); a request naming a registered adapter is forwarded with
-    the base model's name, one naming an unknown model gets 404."""
+    `every_hang`-th never answers (it waits until the client disconnects), every `every_garbage`-th
+    answers 200 with non-UTF-8 bytes. An honest answer that arrives after its client disconnected (a
+    timeout on a busy machine) is counted as `abandoned`. Runs uvicorn in a thread on 127.0.0.1.
+    `refuse_lora`: /v1/load_lora_adapter answers 404, as a vLLM server without runtime LoRA loading does.
+    `down = True` makes it answer 503 to everything until set back. It records each request's
+    Authorization header, and when it sent each 429 (Retry-After: `retry_after`) and forwarded each request.
+    """
 
     def __init__(self, upstream: str, every_429: int = 4, every_500: int = 5, every_hang: int = 7,
-                 hang_s: float = 5.0, every_garbage: int = 10**9, reject_response_format: bool = False,
-                 lora_base: str | None = None,
-                 refuse_lora: bool = False):
+                 every_garbage: int = 10**9, reject_response_format: bool = False,
+                 refuse_lora: bool = False, retry_after: float = 0.2):
         import asyncio
         import threading
 
@@ -86,46 +86,47 @@ class FaultyProxy:
 
         self.upstream = upstream.rstrip("/")
         self.seen = 0
-        self.faults = {"429": 0, "500": 0, "hang": 0, "forwarded": 0, "lora": 0}
-        self.loaded: list[dict] = []
+        self.faults = {"429": 0, "500": 0, "hang": 0, "forwarded": 0, "abandoned": 0, "down": 0}
+        self.down = False
+        self.auth: list[str | None] = []  # the Authorization header of every request
+        self.rejected_at: list[float] = []  # when each 429 was sent, and each forwarded request arrived
+        self.forwarded_at: list[float] = []
 
         async def handle(request: Request) -> Response:
             self.seen += 1
             n = self.seen
             body = await request.body()
-            if lora_base is not None:
-                import json
-
-                if request.url.path.endswith("/load_lora_adapter"):
-                    if refuse_lora:
-                        return Response('{"detail": "Not Found"}', status_code=404)
-                    self.loaded.append(json.loads(body))
-                    return Response("Success: LoRA adapter loaded", status_code=200)
-                req = json.loads(body)
-                if req["model"] not in {a["lora_name"] for a in self.loaded}:
-                    return Response('{"error": "model does not exist"}', status_code=404)
-                self.faults["lora"] += 1
-                body = json.dumps({**req, "model": lora_base}).encode()
+            self.auth.append(request.headers.get("authorization"))
+            if self.down:  # the whole endpoint is failing (switch it back with `proxy.down = False`)
+                self.faults["down"] += 1
+                return Response("unavailable", status_code=503)
+            if refuse_lora and request.url.path.endswith("/load_lora_adapter"):  # no runtime LoRA loading
+                return Response('{"detail": "Not Found"}', status_code=404)
             if reject_response_format and b"response_format" in body:
                 self.faults["response_format"] = self.faults.get("response_format", 0) + 1
                 return Response('{"detail": "response_format is not supported"}', status_code=400)
             if n % every_429 == 0:
                 self.faults["429"] += 1
-                return Response("slow down", status_code=429, headers={"Retry-After": "0.2"})
+                self.rejected_at.append(time.monotonic())
+                return Response("slow down", status_code=429, headers={"Retry-After": str(retry_after)})
             if n % every_500 == 0:
                 self.faults["500"] += 1
                 return Response("boom", status_code=500)
             if n % every_garbage == 0:  # 200 with a body that is not even UTF-8
                 self.faults["garbage"] = self.faults.get("garbage", 0) + 1
                 return Response(b"\xff\xfe\x00{not json \xc3\x28", status_code=200, media_type="application/json")
-            if n % every_hang == 0:
+            if n % every_hang == 0:  # never answers: only the client's own timeout ends it
                 self.faults["hang"] += 1
-                await asyncio.sleep(hang_s)
+                while not await request.is_disconnected():
+                    await asyncio.sleep(0.05)
                 return Response("late", status_code=504)
             self.faults["forwarded"] += 1
-            async with httpx.AsyncClient(timeout=120) as client:
+            self.forwarded_at.append(time.monotonic())
+            async with httpx.AsyncClient(timeout=600) as client:
                 r = await client.post(self.upstream + request.url.path.removeprefix("/v1"),
                                       content=body, headers={"content-type": "application/json"})
+            if await request.is_disconnected():  # an honest answer came after the client gave up on it
+                self.faults["abandoned"] += 1
             return Response(r.content, status_code=r.status_code, media_type="application/json")
 
         app = Starlette(routes=[Route("/v1/{path:path}", handle, methods=["POST"])])

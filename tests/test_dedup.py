@@ -116,3 +116,23 @@ def test_dedup_cli(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"output": "no instruction"}\n')
     r = cli("dedup", tmp_path / "bad.jsonl", "--out", tmp_path / "o.jsonl")
     assert r.returncode == 2 and "bad.jsonl:1:" in r.stderr and not (tmp_path / "o.jsonl").exists()
+
+
+def test_dedup_cli_minhash_and_threshold_checks(tmp_path):
+    from conftest import cli
+
+    ja = "猫は日当たりの良い窓辺で一日中眠っていることが多いです。"
+    rows = [{"instruction": ja, "output": "1"}, {"instruction": ja.replace("一日中", "午後ずっと"), "output": "2"},
+            {"instruction": "東京は日本の首都であり、人口が最も多い都市です。", "output": "3"}]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    r = cli("dedup", src, "--out", out, "--method", "minhash", "--threshold", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x) for x in out.read_text().splitlines()] == [rows[0], rows[2]]  # the near copy went
+    assert "minhash dedup (threshold 0.5): read 3, kept 2, removed 1" in r.stderr
+    r = cli("dedup", src, "--out", out, "--method", "minhash", "--threshold", "0.95")
+    assert r.returncode == 0 and len(out.read_text().splitlines()) == 3  # not that similar
+    for bad in ("0", "1.5", "-0.2"):
+        r = cli("dedup", src, "--out", tmp_path / "x.jsonl", "--method", "minhash", "--threshold", bad)
+        assert r.returncode == 2 and "--threshold must be in (0, 1]" in r.stderr
+        assert not (tmp_path / "x.jsonl").exists()

@@ -95,11 +95,15 @@ def test_ctrl_c_stops_cleanly_and_resumes(teacher_dir, fast_config, tmp_path):
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     state = json.loads((run / "state.json").read_text())
-    assert (run / "generated.jsonl").stat().st_size >= state["sizes"]["generated.jsonl"]
+    checkpointed = (run / "generated.jsonl").read_bytes()[: state["sizes"]["generated.jsonl"]]
+    assert checkpointed.endswith(b"\n") or not checkpointed  # the checkpoint ends on a whole record
+    before = [json.loads(line) for line in checkpointed.decode().splitlines()]
+    assert [x["id"] for x in before] == [f"r1-{k:06d}" for k in range(1, state["n_records"] + 1)]
     r = subprocess.run(["selfinstruct", *map(str, args), "--resume"], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr
     records = read_jsonl(run / "generated.jsonl")
+    assert records[: len(before)] == before  # what was checkpointed before Ctrl-C is kept, unchanged
     assert len({x["instruction"] for x in records}) == 12 and len({x["id"] for x in records}) == len(records)
 
 

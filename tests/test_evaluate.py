@@ -5,6 +5,7 @@ import math
 import pytest
 
 from selfinstruct.config import Config, EvalConfig
+from selfinstruct.errors import JudgeError
 from selfinstruct.evaluate import compare, item_score, order_score, parse_verdict, win_rate
 from selfinstruct.records import read_jsonl
 from selfinstruct.teacher import Completion
@@ -86,3 +87,23 @@ def test_compare_runs_both_orders(tmp_path):
     rows = read_jsonl(tmp_path / "j.jsonl")
     assert [r["comparison"] for r in rows] == ["vs_base"] * 3 + ["vs_previous"] * 3
     assert rows[0]["candidate_first"]["verdict"] == "A" and rows[0]["candidate_second"]["verdict"] == "B"
+
+
+class GarbleJudge:
+    """Fault injection: a judge that answers every comparison with something no parser can read."""
+
+    def generate(self, requests):
+        return [[Completion("The weather is nice today.", "stop")] for _ in requests]
+
+
+def test_unparsed_verdicts_are_counted_and_fail_above_the_limit(tmp_path):
+    items = [{"id": f"h{i}", "prompt": f"Question {i}?", "reference": "x"} for i in range(4)]
+    cands, refs = ["an answer"] * 4, ["another"] * 4
+    lenient = Config(eval=EvalConfig(max_unparsed_share=1.0))
+    w = compare(lenient, GarbleJudge(), items, cands, refs, "vs_base", tmp_path / "j.jsonl")
+    assert w["unparsed_verdicts"] == 8 and w["unparsed_share"] == 1.0 and w["win_rate"] is None
+    with pytest.raises(JudgeError, match=r"8 of 8 verdicts \(100%\).*eval.max_unparsed_share"):
+        compare(Config(eval=EvalConfig()), GarbleJudge(), items, cands, refs, "vs_base", tmp_path / "k.jsonl")
+    assert len(read_jsonl(tmp_path / "k.jsonl")) == 4  # the raw verdicts are kept for a look
+    ok = compare(Config(eval=EvalConfig()), LengthJudge("longer"), items, cands, refs, "vs_base", tmp_path / "l.jsonl")
+    assert ok["unparsed_verdicts"] == 0 and ok["unparsed_share"] == 0.0

@@ -143,11 +143,16 @@ class ScriptedTeacher:
 
     def __init__(self, fail_after: int | None = None):
         self.calls, self.fail_after = 0, fail_after
+        self.seen_top_p: set[float] = set()
 
     def generate(self, requests):
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
             raise TeacherError("the teacher went away")
+        for r in requests:  # WizardLM's system message on rewrites and responses, none on the equality check
+            judging = r.prompt.startswith("Below are two instructions")
+            assert r.system == (None if judging else "You are a helpful assistant."), r.prompt[:60]
+            self.seen_top_p.add(r.sampling.top_p)
         return [[Completion(self.answer(r.prompt), "stop")] for r in requests]
 
     def answer(self, prompt: str) -> str:
@@ -181,6 +186,7 @@ def evol_run(tmp_path, teacher, **evol_cfg):
 def test_rules_lineage_and_failed_evolutions_return_to_the_pool(tmp_path):
     run = evol_run(tmp_path, ScriptedTeacher())
     _generate(run, recipe("evol"))
+    assert run.teacher.seen_top_p == {0.95, 1.0}  # WizardLM's top_p on rewrites and responses; greedy judge
     records = read_jsonl(run.dir / "generated.jsonl")
     rejected = read_jsonl(run.dir / "rejected.jsonl")
     ops = [[evol.operation_for(run.cfg, r, k) for k in range(5)] for r in range(2)]
@@ -249,7 +255,11 @@ def test_max_inputs_is_a_seeded_sample():
     tasks.append(dataclasses.replace(tasks[0], id="dup"))  # the same instruction is evolved once
     cfg = Config(generate=GenerateConfig(evol=EvolConfig(max_inputs=5)))
     picked = [s.ids[0] for s in evol.make_slots(cfg, tasks)]
-    assert len(picked) == 5 and picked == [s.ids[0] for s in evol.make_slots(cfg, tasks)]
+    # the documented draw: 5 of the 20 distinct instructions from Random(f"{seed}-evol-inputs"), in input order
+    expected = [f"t{i}" for i in sorted(random.Random("42-evol-inputs").sample(range(20), 5))]
+    assert picked == expected
+    other = Config(generate=GenerateConfig(seed=7, evol=EvolConfig(max_inputs=5)))
+    assert [s.ids[0] for s in evol.make_slots(other, tasks)] != picked  # another run seed, another sample
     assert len(evol.make_slots(Config(), tasks)) == 20
 
 

@@ -1,3 +1,5 @@
+import pytest
+
 from selfinstruct.generate.parse import (
     normalise_instruction,
     parse_alpaca,
@@ -59,6 +61,15 @@ def test_input_first_run_together_pairs_keep_first_output():
 
 def test_no_example_header_is_one_instance():
     assert parse_instances("Input: x\nOutput: y", classification=False) == [Instance("x", "y")]
+
+
+@pytest.mark.parametrize("reply", ["I'm sorry, but I can't help with that request.",
+                                   "Sorting words is a common task. People do it in dictionaries and indexes,\n"
+                                   "and computers do it with comparison sorts such as merge sort."])
+def test_reply_without_examples_or_output_is_no_instance(reply):
+    """Self-Instruct's parse_instances_for_generation_task returns nothing for a reply with neither
+    'Example' markers nor an 'Output:' field: a refusal or a paragraph of prose is not an instance."""
+    assert parse_instances(reply, classification=False) == []
 
 
 def test_output_first_instances():

@@ -17,6 +17,8 @@ from selfinstruct.records import read_jsonl
 # round 2 it still speaks the Self-Instruct format: true self-instruct. Training runs long enough
 # (many small steps, frequent checkpoints) for a kill to land in the middle of it.
 LOOP_CONFIG = """\
+teacher:
+  backend: transformers
 generate:
   request_batch_size: 4
   max_stalled_requests: 200
@@ -31,6 +33,7 @@ train:
   save_steps: 5
   max_length: 256
 eval:
+  backend: transformers
   max_items: 4
   response_sampling: {temperature: 0.0, max_tokens: 32}
   judge_sampling: {temperature: 0.0, max_tokens: 8}
@@ -113,6 +116,23 @@ def test_two_rounds_student_generates_round_two(finished_run, teacher_dir):
     assert (run / "round-1" / "eval" / "manifest.json").read_text() == before
 
 
+def test_eval_evaluates_the_rounds_left_unevaluated(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "round-2" / "eval")  # as if round 2 stopped after training
+    report = json.loads((run / "report.json").read_text())
+    before = (run / "round-1" / "eval" / "manifest.json").read_text()
+    r = cli("eval", run)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "round-2" / "eval" / "manifest.json").read_text())["stage"] == "eval"
+    assert (run / "round-1" / "eval" / "manifest.json").read_text() == before  # round 1 was not redone
+    again = json.loads((run / "report.json").read_text())
+    assert again["rounds"][1]["vs_base"]["n"] + again["rounds"][1]["vs_base"]["unjudged"] == 4
+    assert again["rounds"][0] == report["rounds"][0]
+
+
 def test_killed_during_round_two_training_resumes(finished_run, teacher_dir, judge_dir, loop_config, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
@@ -189,3 +209,17 @@ def test_bad_student_or_heldout_fails_before_anything_is_written(teacher_dir, tm
             "--out", tmp_path / "c")
     assert r.returncode == 2 and "cannot load judge model" in r.stderr
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_a_judge_that_cannot_be_read_fails_the_evaluation(finished_run, random_model_dir, tmp_path):
+    """An untrained judge answers garbage: the evaluation stops with the count and the fix, instead of
+    reporting a win rate; the round stays unevaluated, so a later `eval` with a better judge redoes it."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    shutil.rmtree(run / "round-2" / "eval")
+    r = cli("eval", run, "--judge", random_model_dir)
+    assert r.returncode == 1 and "verdict could not be read in" in r.stderr and "eval.max_unparsed_share" in r.stderr
+    assert not (run / "round-2" / "eval" / "manifest.json").exists()
+    assert read_jsonl(run / "round-2" / "eval" / "judgements.jsonl")  # the raw replies are kept for a look

@@ -44,8 +44,7 @@ def test_three_formats(tmp_path):
 
 @pytest.mark.parametrize("content,line,needle", [
     ('{"id": "t1", "name": "n"\n', 1, "invalid JSON"),
-    (json.dumps(SI) + "\n" + json.dumps({k: v for k, v in SI.items() if k != "is_classification"}) + "\n",
-     2, "missing field(s): is_classification"),
+    (json.dumps({k: v for k, v in SI.items() if k != "instruction"}) + "\n", 1, "missing field 'instruction'"),
     (json.dumps({**SI, "is_classification": "no"}) + "\n", 1, "'is_classification' must be true or false"),
     (json.dumps({**SI, "instances": [{"input": "a", "output": 5}]}) + "\n", 1, "instances[0]"),
     (json.dumps({**SI, "instances": []}) + "\n", 1, "non-empty list"),
@@ -86,3 +85,16 @@ def test_cli_bad_seeds_exit_2_and_nothing_written(tmp_path):
     assert r.returncode == 2
     assert f"{bad}:2: invalid JSON" in r.stderr
     assert not out.exists()
+
+
+def test_self_instruct_seed_needs_only_what_generation_reads(tmp_path):
+    """`instruction` and `instances` are required; `id` and `is_classification` default; `name` (which
+    Self-Instruct's seed file carries and nothing reads) may be absent."""
+    f = write(tmp_path / "mine.jsonl", [{"instruction": "Add the numbers.", "instances": [{"input": "2, 3",
+                                                                                           "output": "5"}]},
+                                        {**SI, "is_classification": True}])
+    tasks = load_tasks(f)
+    assert tasks[0].id == "mine-1" and tasks[0].is_classification is False and tasks[0].name == ""
+    assert tasks[1].id == "t1" and tasks[1].is_classification is True
+    with pytest.raises(UserError, match="'id' must be a string"):
+        load_tasks(write(tmp_path / "bad.jsonl", [{**SI, "id": 3}]))

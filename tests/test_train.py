@@ -170,6 +170,21 @@ class StopAt:
         self.callback = _Stop()
 
 
+class StepCounter:
+    """Instrumentation around the real trainer: the global step after every optimizer step this process ran."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        seen = self.seen = []
+
+        class _Count(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                seen.append(state.global_step)
+
+        self.callback = _Count()
+
+
 def test_resume_reaches_the_same_final_step(random_model_dir, tmp_path):
     data = alpaca_file(tmp_path / "a.json", 32)
     full = run_train(small_cfg(data, random_model_dir, tmp_path / "full", epochs=2, save_steps=3))
@@ -179,8 +194,16 @@ def test_resume_reaches_the_same_final_step(random_model_dir, tmp_path):
     run_train(small_cfg(data, random_model_dir, out, epochs=2, save_steps=3), callbacks=[StopAt(6).callback])
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 6
     assert (out / "checkpoints" / "checkpoint-6").exists()
-    resumed = run_train(small_cfg(data, random_model_dir, out, epochs=2, save_steps=3, resume=True))
+    steps = StepCounter()
+    resumed = run_train(small_cfg(data, random_model_dir, out, epochs=2, save_steps=3, resume=True),
+                        callbacks=[steps.callback])
     assert json.loads((resumed / "metrics.json").read_text())["global_step"] == total
+    # It started at the checkpoint: this process ran only the 10 remaining optimizer steps, the first being 7.
+    assert steps.seen == list(range(7, total + 1))
+    fresh = StepCounter()
+    run_train(small_cfg(data, random_model_dir, tmp_path / "again", epochs=2, save_steps=3, resume=True),
+              callbacks=[fresh.callback])
+    assert fresh.seen == list(range(1, total + 1))  # no checkpoint there: --resume starts from step 1
 
 
 def test_merge_gives_the_adapter_model(random_model_dir, tmp_path):
@@ -203,19 +226,47 @@ def test_merge_gives_the_adapter_model(random_model_dir, tmp_path):
     assert r.returncode == 2 and "not a LoRA adapter directory" in r.stderr
 
 
+TRACED = """
+import os, sys
+from selfinstruct import records, train
+from peft import PeftModel
+
+def traced(fn):
+    def wrapper(*args, **kw):
+        target = args[1] if fn.__name__ == "save_pretrained" else args[0]
+        with open({log!r}, "a") as fh:
+            fh.write(os.environ.get("RANK", "0") + " " + str(target) + "\\n")
+        return fn(*args, **kw)
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+records.write_atomic = train.write_atomic = traced(records.write_atomic)
+PeftModel.save_pretrained = traced(PeftModel.save_pretrained)
+from selfinstruct.cli import main
+sys.exit(main())
+"""
+
+
 def test_torchrun_two_processes_write_one_adapter(random_model_dir, tmp_path):
     import subprocess
     import sys
 
     data = alpaca_file(tmp_path / "a.json", 16)
+    log = tmp_path / "writes.log"
+    # Instrumentation around the real command: every file write of ours (and every save_pretrained) is
+    # logged with the rank that made it, so a second writer would show up.
+    (tmp_path / "traced.py").write_text(TRACED.format(log=str(log)))
     torchrun = Path(sys.executable).with_name("torchrun")
     r = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port", str(__import__("serve").free_port()),
-                        "-m", "selfinstruct.cli", "train", "--data", str(data), "--student", str(random_model_dir),
+                        str(tmp_path / "traced.py"), "train", "--data", str(data), "--student", str(random_model_dir),
                         "--out", str(tmp_path / "ddp")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    assert [p.name for p in (tmp_path / "ddp").iterdir() if p.name == "adapter"] == ["adapter"]
+    writes = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    assert {rank for rank, _ in writes} == {"0"}, writes  # rank 1 wrote nothing
+    written = {Path(path).name for _, path in writes}
+    assert {"metrics.json", "config.yaml", "adapter"} <= written
     assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()
 
 
@@ -245,3 +296,17 @@ def test_init_adapter_continues_training(random_model_dir, tmp_path):
     assert PeftConfig.from_pretrained(cont / "adapter").r == 16
     with pytest.raises(UserError, match="not a LoRA adapter"):
         run_train(small_cfg(data, random_model_dir, tmp_path / "bad", init_adapter=str(tmp_path)))
+
+
+def test_train_merge_option_writes_the_merged_model(random_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = run_train(small_cfg(alpaca_file(tmp_path / "a.json", 8), random_model_dir, tmp_path / "t", epochs=2,
+                              learning_rate=5e-3, merge=True))
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(random_model_dir), out / "adapter").eval()
+    ids = torch.tensor([[5, 17, 33, 90, 2]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft(ids).logits, atol=1e-4)
+    assert not any("lora" in k for k in merged.state_dict())  # a plain model, servable without LoRA support

@@ -47,8 +47,10 @@ from selfinstruct.teacher import Request
 T_OPS = {op: f"evol/{op}.jinja" for op in EVOL_OPERATIONS}
 T_EQUAL = "evol/equal.jinja"
 T_RESPONSE = "evol/response.jinja"
+T_SYSTEM = "evol/system.jinja"  # WizardLM's system message, on the rewrite and response requests
 TEMPLATES = {**{t: {"instruction": "Say hello."} for t in T_OPS.values()},
-             T_EQUAL: {"first": "Say hello.", "second": "Say hello in French."}, T_RESPONSE: {"instruction": "Hi."}}
+             T_EQUAL: {"first": "Say hello.", "second": "Say hello in French."}, T_RESPONSE: {"instruction": "Hi."},
+             T_SYSTEM: {}}
 # The paper's elimination rules, by the reason names rejected.jsonl and stats.json use.
 RULES = {"no_information_gain": 1, "sorry_short_response": 2, "stopwords_only_response": 3,
          "copies_prompt_words": 4}
@@ -129,8 +131,9 @@ def rewrite_requests(run: Run, evol_round: int, start: int, end: int) -> tuple[l
     ecfg = run.cfg.generate.evol
     rng = random.Random(f"{run.cfg.generate.seed}-evol-{evol_round}-{start}")
     ops = [operation_for(run.cfg, evol_round, k) for k in range(start, end)]
-    requests = [Request(render(T_OPS[op], instruction=run.slots[k].text), seeded(ecfg.evolve_sampling, rng))
-                for k, op in zip(range(start, end), ops, strict=True)]
+    system = render(T_SYSTEM).strip()
+    requests = [Request(render(T_OPS[op], instruction=run.slots[k].text), seeded(ecfg.evolve_sampling, rng),
+                        system=system) for k, op in zip(range(start, end), ops, strict=True)]
     return requests, ops
 
 
@@ -145,7 +148,8 @@ def screen(run: Run, slot: Slot, text: str, truncated: bool) -> tuple[str, dict[
     if normalise(text) == normalise(slot.text):
         return "no_information_gain", {}
     lineage = {run.pool.first_index[t] for t in slot.texts if t in run.pool.first_index}
-    ok, reason, extra = run.screen(text, None, lineage)  # no target cap: every evolution is attempted
+    # WizardLM's rules only, not Self-Instruct's filters; no target cap: every evolution is attempted.
+    ok, reason, extra = run.screen(text, None, lineage, instruction_filters=False)
     return ("" if ok else reason), extra
 
 
@@ -182,7 +186,8 @@ def step(run: Run) -> None:
     rng = random.Random(f"{seed}-evol-{r}-{start}-answers")
     asks = [Request(render(T_EQUAL, first=slots[k].text, second=text), seeded(ecfg.equality_sampling, rng))
             for k, _, text, _ in cands]
-    asks += [Request(render(T_RESPONSE, instruction=text), seeded(ecfg.response_sampling, rng))
+    system = render(T_SYSTEM).strip()
+    asks += [Request(render(T_RESPONSE, instruction=text), seeded(ecfg.response_sampling, rng), system=system)
              for _, _, text, _ in cands]
     answers = run.teacher.generate(asks) if asks else []
     run.counts["requests/equality"] += len(cands)

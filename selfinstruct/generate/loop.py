@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from selfinstruct.config import Config, dump_yaml
 from selfinstruct.dedup import RougePool
 from selfinstruct.errors import StorageError, UserError
-from selfinstruct.filters import check_instruction
+from selfinstruct.filters import check_evolved_instruction, check_instruction, is_rouge_similar
 from selfinstruct.prompts import check_templates, use_prompts_dir
 from selfinstruct.records import JsonlAppender, Record, read_jsonl, read_rows, write_atomic, write_json
 from selfinstruct.seeds import SeedTask, load_tasks, record_text
@@ -82,6 +82,7 @@ class Run:
         """Send step `step`'s requests now, where the teacher serves concurrent calls, so it never
         idles while the current step filters and writes."""
         if getattr(self.teacher, "concurrent", False) and step not in self._prefetched:
+            self.counts["prefetched"] += len(requests)
             self._prefetched[step] = (requests, self.teacher.submit(requests))
 
     def fetch(self, step: int, requests: list[Request]) -> list[list[Completion]]:
@@ -115,18 +116,20 @@ class Run:
             "counts": dict(self.counts), "reasons": dict(self.reasons),
             "sizes": {name: (self.dir / name).stat().st_size for name in OUTPUT_FILES}})
 
-    def screen(self, instruction: str, n_fresh: int | None,
-               exclude: Collection[int] = ()) -> tuple[bool, str, dict[str, Any]]:
-        """The instruction filters, then ROUGE-L against the pool (leaving out the indices in `exclude`),
-        then the target cap (`n_fresh`: instructions this step has kept so far; None: no cap). A kept
-        instruction joins the pool at once, so later candidates of the same step see it; its pool
-        position is returned as extra["pool_index"]."""
-        ok, reason = check_instruction(instruction, self.cfg.filters)
+    def screen(self, instruction: str, n_fresh: int | None, exclude: Collection[int] = (),
+               instruction_filters: bool = True) -> tuple[bool, str, dict[str, Any]]:
+        """Self-Instruct's instruction filters (unless `instruction_filters` is off: evolved instructions),
+        then ROUGE-L against the pool (leaving out the indices in `exclude`), then the target cap
+        (`n_fresh`: instructions this step has kept so far; None: no cap). A kept instruction joins the
+        pool at once, so later candidates of the same step see it; its pool position is returned as
+        extra["pool_index"]."""
+        check = (lambda t: check_instruction(t, self.cfg.filters)) if instruction_filters else check_evolved_instruction
+        ok, reason = check(instruction)
         if not ok:
             return False, reason, {}
         score, j = self.pool.best(instruction, exclude)
         extra = {"rouge_max": round(score, 4), "nearest": self.pool.texts[j] if j >= 0 else ""}
-        if score >= self.cfg.filters.rouge_threshold:
+        if is_rouge_similar(score, self.cfg.filters):
             return False, "rouge_similar", extra
         if n_fresh is not None and self.accepted_instructions + n_fresh >= self.cfg.generate.num_instructions:
             return False, "over_target", extra

@@ -70,7 +70,8 @@ def parse_equal(text: str) -> bool | None:
 
 def parse_instances(text: str, classification: bool) -> list[Instance]:
     """Instances from an input-first ('Example k / Input: / Output:') or output-first
-    ('Class label: / Input:') completion. Prose before the first example is ignored."""
+    ('Class label: / Input:') completion. Prose before the first example is ignored; a reply with no
+    example marker and no 'Output:' (a refusal, a paragraph) has none (Self-Instruct's parser agrees)."""
     return _output_first(text) if classification else _input_first(text)
 
 
@@ -78,6 +79,8 @@ def _input_first(text: str) -> list[Instance]:
     chunks = _EXAMPLE.split(text)
     if len(chunks) > 1:
         chunks = chunks[1:]  # whatever came before "Example 1" is not an example
+    elif not _OUTPUT.search(text):
+        return []  # neither examples nor an Output field (a refusal, prose): no instance, as in the original
     out = []
     for chunk in chunks:
         if not chunk.strip():

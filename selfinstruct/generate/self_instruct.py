@@ -123,6 +123,7 @@ def step(run: Run) -> None:
     for (instr, par, score), clf, out in zip(fresh, is_clf, inst_outs, strict=True):
         c = out[0]
         instances = parse_instances(c.text, clf)
+        parsed = len(instances)
         if c.finish_reason == "length" and instances:
             lost = instances.pop()
             rejected.append({"stage": "instance", "reason": "truncated", "instruction": instr,
@@ -130,8 +131,9 @@ def step(run: Run) -> None:
         kept, dropped = clean_instances(instances, cfg.max_instances)
         rejected += [{"stage": "instance", "reason": r, "instruction": instr, "input": d.input, "output": d.output}
                      for d, r in dropped]
-        if not kept:
-            rejected.append({"stage": "task", "reason": "no_valid_instances", "instruction": instr,
+        if not kept:  # unformatted: the reply held no example at all (a refusal, prose, nothing)
+            reason = "no_valid_instances" if parsed else "unformatted_instances"
+            rejected.append({"stage": "task", "reason": reason, "instruction": instr,
                              "raw": c.text[:2000], "in_pool": True})
             continue
         first = len(records)

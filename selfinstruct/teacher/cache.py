@@ -2,8 +2,8 @@
 
     teacher = CachedTeacher(OpenAITeacher(cfg), ResponseCache("~/.cache/selfinstruct/responses.sqlite"))
 
-Key: sha256 of (model, chat or completion, prompt, JSON schema, sampling parameters without `n`,
-sample index). Without `n` and with the index, asking for 5 samples after 3 reuses the first 3.
+Key: sha256 of (model, chat or completion, prompt, system message if any, JSON schema, sampling
+parameters without `n`, sample index). Without `n` and with the index, asking for 5 samples after 3 reuses the first 3.
 SQLite in WAL mode with a busy timeout: several threads or processes (two stages, two runs) may
 read and write at once. Nothing secret is in a key: the API key never reaches this layer.
 """
@@ -24,8 +24,11 @@ from selfinstruct.teacher.base import Completion, Request, Teacher
 def cache_key(model: str, chat: bool, req: Request, sample: int) -> str:
     sampling = dataclasses.asdict(req.sampling)
     sampling.pop("n")
-    blob = json.dumps({"model": model, "chat": chat, "prompt": req.prompt, "schema": req.json_schema,
-                       "sampling": sampling, "sample": sample}, sort_keys=True, ensure_ascii=False)
+    key = {"model": model, "chat": chat, "prompt": req.prompt, "schema": req.json_schema, "sampling": sampling,
+           "sample": sample}
+    if req.system is not None and chat:  # only when set: earlier answers keep their keys
+        key["system"] = req.system
+    blob = json.dumps(key, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

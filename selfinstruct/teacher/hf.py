@@ -58,11 +58,11 @@ class HFTeacher:
     def close(self) -> None:
         self.model = None
 
-    def _encode(self, prompt: str) -> str:
+    def _encode(self, req: Request | str) -> str:
+        req = req if isinstance(req, Request) else Request(req, Sampling())
         if not self.chat:
-            return prompt
-        return self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                            add_generation_prompt=True)
+            return req.prompt
+        return self.tok.apply_chat_template(req.messages(), tokenize=False, add_generation_prompt=True)
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
         results: list[list[Completion | None]] = [[None] * r.sampling.n for r in requests]
@@ -71,7 +71,7 @@ class HFTeacher:
             s = r.sampling
             key = (s.temperature, s.top_p, s.max_tokens, s.presence_penalty, s.frequency_penalty, tuple(s.stop))
             groups[key].extend((i, k) for k in range(s.n))
-        texts = [self._encode(r.prompt) for r in requests]
+        texts = [self._encode(r) for r in requests]
         for jobs in groups.values():
             jobs.sort(key=lambda job: -len(texts[job[0]]))  # similar lengths together: less padding
             for start in range(0, len(jobs), self.cfg.batch_size):

@@ -178,7 +178,7 @@ class OpenAITeacher:
         body: dict = {"model": self.served, "max_tokens": s.max_tokens, "temperature": s.temperature,
                       "top_p": s.top_p}
         if self.chat:
-            body["messages"] = [{"role": "user", "content": req.prompt}]
+            body["messages"] = req.messages()
         else:
             body["prompt"] = req.prompt
         # Only what differs from the defaults: some servers warn about or reject fields they lack.
