@@ -1,10 +1,11 @@
 """Teacher throughput: the openai client against a local server, and the in-process backends compared.
 
     python bench/teacher.py [--n 2000] [--delay 0.05] [--concurrency 64]
-    python bench/teacher.py --compare-backends MODEL [--inputs 12] [--max-tokens 160]
+    python bench/teacher.py --compare-backends MODEL [--inputs 32] [--max-tokens 256]
 
-`--compare-backends` runs the same generation (Evol-Instruct over tests/data/plain_tasks.jsonl, one
-round, same seed and sampling, no cache) once on the transformers backend and once on vLLM in-process
+`--compare-backends` runs the same generation (Evol-Instruct over `--inputs` of seeds/, one round,
+rewrites up to 128 tokens, responses up to `--max-tokens`, same seed and sampling, no cache) once on
+the transformers backend and once on vLLM in-process
 (CPU build or CUDA, whichever is installed), each in its own process, and prints generated tokens per
 second and accepted records per minute of each, the ratio, and each backend's start-up time. This is
 what `--backend auto` is decided by: vLLM wherever it is installed and can run.
@@ -60,8 +61,8 @@ generate:
     rounds: 1
     batch_size: {inputs}
     max_inputs: {inputs}
-    evolve_sampling: {{temperature: 1.0, max_tokens: 64}}
-    response_sampling: {{temperature: 1.0, max_tokens: {max_tokens}}}
+    evolve_sampling: {{temperature: 0.7, top_p: 0.95, max_tokens: 128}}
+    response_sampling: {{temperature: 0.7, top_p: 0.95, max_tokens: {max_tokens}}}
     equality_sampling: {{temperature: 0.0, max_tokens: 4}}
 """
 
@@ -77,12 +78,13 @@ def compare_backends(model: str, inputs: int, max_tokens: int) -> None:
         d = Path(tempfile.mkdtemp(prefix=f"bench-{backend}-"))
         (d / "c.yaml").write_text(COMPARE.format(backend=backend, inputs=inputs, max_tokens=max_tokens))
         t0 = time.perf_counter()
-        r = subprocess.run(["selfinstruct", "generate", "--seeds", str(root / "tests" / "data" / "plain_tasks.jsonl"),
+        r = subprocess.run(["selfinstruct", "generate", "--seeds", str(root / "seeds"),
                             "--teacher", model, "--out", str(d / "run"), "--config", str(d / "c.yaml")],
                            capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        (d / "output.log").write_text(r.stdout + r.stderr)
         if r.returncode != 0:
-            sys.exit(f"{backend} failed:\n{r.stderr[-3000:]}")
+            sys.exit(f"{backend} failed (whole output: {d / 'output.log'}):\n{r.stderr[-3000:]}")
         stats = json.loads((d / "run" / "stats.json").read_text())
         gen = stats["elapsed_s"]
         tokens = stats["teacher_calls"].get("tokens_out", 0)
@@ -103,8 +105,8 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=0.05)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--compare-backends", metavar="MODEL", help="a model directory or .gguf file")
-    ap.add_argument("--inputs", type=int, default=12, help="with --compare-backends: instructions evolved")
-    ap.add_argument("--max-tokens", type=int, default=160, help="with --compare-backends: response length")
+    ap.add_argument("--inputs", type=int, default=32, help="with --compare-backends: instructions evolved")
+    ap.add_argument("--max-tokens", type=int, default=256, help="with --compare-backends: response length")
     args = ap.parse_args()
     if args.compare_backends:
         compare_backends(args.compare_backends, args.inputs, args.max_tokens)
