@@ -40,6 +40,7 @@ from selfinstruct.seeds import load_tasks
 from selfinstruct.teacher import Request, make_teacher
 
 T_JUDGE = "judge/pairwise.jinja"
+T_JUDGE_REPLY = "judge/pairwise_reply.jinja"  # a chat judge's reply starts with the verdict's "[[" (prefilled)
 Z95 = 1.959963984540054
 
 _BRACKET = re.compile(r"\[\[\s*(a|b|c|tie)\s*\]\]")
@@ -182,7 +183,7 @@ def compare(cfg: Config, judge: Any, items: list[dict[str, str]], candidate: lis
     for item, c, r in zip(items, candidate, reference, strict=True):
         for a, b in ((c, r), (r, c)):
             requests.append(Request(render(T_JUDGE, instruction=item["prompt"], answer_a=a, answer_b=b),
-                                    cfg.eval.judge_sampling))
+                                    cfg.eval.judge_sampling, prefill=render(T_JUDGE_REPLY)))
     outs = judge.generate(requests)
     scores, rows = [], []
     for k, item in enumerate(items):

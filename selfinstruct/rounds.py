@@ -111,7 +111,7 @@ def free_accelerator() -> None:
 
 
 def run_rounds(cfg: Config) -> Path:
-    from selfinstruct.evaluate import T_JUDGE, heldout_items
+    from selfinstruct.evaluate import T_JUDGE, T_JUDGE_REPLY, heldout_items
     from selfinstruct.generate.evol import input_tasks
     from selfinstruct.generate.loop import run_generate, template_samples
     from selfinstruct.prompts import check_templates, use_prompts_dir
@@ -123,6 +123,7 @@ def run_rounds(cfg: Config) -> Path:
     if cfg.rounds.evaluate:
         heldout_items(cfg)
         samples[T_JUDGE] = {"instruction": "Say hi.", "answer_a": "Hi.", "answer_b": "Hello."}
+        samples[T_JUDGE_REPLY] = {}
     check_templates(samples)
     check_servable(cfg)
     share_engine(cfg)

@@ -177,6 +177,16 @@ def counts_table(stats: dict[str, Any], title: str) -> Table:
     return t
 
 
+def alerts_table(alerts: list[dict[str, Any]]) -> Table:
+    """Stages of a step that came to nothing for one reason (generate/alerts.py), loudly."""
+    t = Table(title="[bold red]stages where every candidate failed for one reason[/]", show_lines=True)
+    for col in ("stage", "reason", "steps", "candidates", "a reply", "likely fix"):
+        t.add_column(col, justify="right" if col in ("steps", "candidates") else "left", overflow="fold")
+    for a in alerts:
+        t.add_row(a["stage"], a["reason"], str(a["steps"]), str(a["candidates"]), repr(a["sample"][:120]), a["fix"])
+    return t
+
+
 def evol_tables(e: dict[str, Any]) -> list[Table]:
     """Evol-Instruct: per operation, per elimination rule, per depth."""
     ops = Table(title=f"evolution: {e['inputs']} inputs x {e['rounds']} rounds, {e['attempts']} attempts")

@@ -365,3 +365,22 @@ def test_launch_server_that_exits_early_or_never_gets_healthy(fast_config, tmp_p
     log = (tmp_path / "r2" / "teacher-server.log").read_text()
     port = log.split("port ")[1].split()[0] if "port " in log else None
     assert port and not answers(f"http://127.0.0.1:{port}/v1")  # it was stopped
+
+
+def test_prefill_and_choice_fall_back_on_a_server_without_them(teacher_dir, tmp_path):
+    """transformers serve answers 422 to vLLM's continue_final_message and structured_outputs fields: the
+    request goes again without them (once per server), and the reply is parsed as free text."""
+    log = tmp_path / "s.log"
+    with transformers_serve(teacher_dir, log) as url:
+        t = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[url], cache=None))
+        prompt = "Task: Write a short poem about the ocean."
+        reqs = [Request(prompt, Sampling(temperature=0, max_tokens=12), prefill="Example 1\nInput:"),
+                Request("Is it classification?", Sampling(temperature=0, max_tokens=3), choices=("Yes", "No"))]
+        first = t.generate(reqs[:1]) + t.generate(reqs[1:])
+        again = t.generate(reqs)
+        t.close()
+    assert all(o[0].text for o in first + again)
+    assert not first[0][0].text.startswith("Example 1\nInput:")  # not continued: nothing was prefilled
+    assert t.stats["fallback_continue_final_message"] == 1 and t.stats["fallback_structured_outputs"] == 1
+    assert log.read_text().count("422") == 2  # each field was refused once, then never sent again
+    assert t.endpoints[0].rejects_prefill and t.endpoints[0].rejects_structured_outputs

@@ -14,7 +14,7 @@ RECORD_KEYS = {"id", "instruction", "input", "output", "method", "round", "paren
                "sampling", "scores", "lineage"}
 
 
-def check_run(run, n_instructions, teacher, method="self-instruct"):
+def check_run(run, n_instructions, teacher, method="self-instruct", mode="choice"):
     records = read_jsonl(run / "generated.jsonl")
     assert len({r["instruction"] for r in records}) == n_instructions
     assert len({r["id"] for r in records}) == len(records)
@@ -25,6 +25,8 @@ def check_run(run, n_instructions, teacher, method="self-instruct"):
         assert r["template"].startswith({"self-instruct": "self_instruct/instructions.jinja@",
                                          "alpaca": "alpaca/prompt.jinja@"}[method])
         assert r["scores"]["rouge_max"] < 0.7
+        if method == "self-instruct":  # Yes / No: a choice the backend enforced (transformers), or parsed text
+            assert r["scores"]["classification_mode"] == mode
     stats = json.loads((run / "stats.json").read_text())
     assert stats["accepted_instructions"] == n_instructions and stats["accepted_records"] == len(records)
     assert stats["stopped"] == "done"
@@ -77,7 +79,7 @@ def test_generate_through_transformers_serve(teacher_dir, fast_config, tmp_path)
                 "--base-url", url, "--num-instructions", 3, "--out", run, "--config", fast_config,
                 env={"OPENAI_API_KEY": secret})
         assert r.returncode == 0, r.stderr
-    check_run(run, 3, teacher_dir)
+    check_run(run, 3, teacher_dir, mode="parsed")  # a server may ignore the choice: the answer is parsed
     stats = json.loads((run / "stats.json").read_text())
     log = (tmp_path / "serve.log").read_text()
     sent = log.count('"POST /v1/chat/completions HTTP/1.1" 200')
@@ -231,3 +233,21 @@ def test_a_swallowed_sigterm_still_ends_the_run_and_its_children(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 143
     child.wait(60)  # raises if the child outlived its parent
+
+
+def test_a_stage_that_fails_the_same_way_every_time_is_reported(teacher_dir, tmp_path):
+    """One token per instruction list: every reply is cut (`truncated`). The run does not just stall: the
+    summary and the error say which stage failed how, show a reply, and name the fix."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("teacher:\n  backend: transformers\ngenerate:\n  request_batch_size: 4\n  max_stalled_requests: 8\n"
+                   "  instruction_sampling: {max_tokens: 1}\n")
+    run = tmp_path / "run"
+    r = cli("generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--num-instructions", 3, "--out", run,
+            "--config", cfg)
+    assert r.returncode == 1
+    assert "Every instructions candidate failed as truncated in 2 step(s)" in r.stderr
+    assert "raise the stage's max_tokens" in r.stderr and "stages where every candidate failed" in r.stderr
+    alerts = json.loads((run / "stats.json").read_text())["alerts"]
+    assert [(a["stage"], a["reason"], a["steps"], a["candidates"]) for a in alerts] == [("instructions", "truncated",
+                                                                                         2, 8)]
+    assert alerts[0]["sample"].startswith("9.")  # the prefilled item number and the one token after it

@@ -161,7 +161,7 @@ class ScriptedTeacher:
             if "TWIN" in head:
                 return TWIN
             if "LABEL" in head:
-                return f"#Rewritten Prompt#: {head} Add a moral."
+                return f"{head} Add a moral, as the rewritten prompt says."  # the phrase inside: rule 4
             return f"{head} Then add detail {head.count('Then add') + 1}."
         if prompt.startswith("Below are two instructions"):
             return "Equal" if "SAME" in prompt else "Not Equal"

@@ -80,6 +80,8 @@ def test_output_first_instances():
 
 def test_normalise():
     assert normalise_instruction("  tell me\n a joke ") == "Tell me a joke"
+    assert normalise_instruction("1. list the ingredients.") == "List the ingredients."  # a nested list number
+    assert normalise_instruction("3.5 million people: how many is that?") == "3.5 million people: how many is that?"
 
 
 def test_alpaca_continuation_restart_and_noinput():
@@ -102,3 +104,13 @@ def test_alpaca_skipped_number_malformed_and_truncated():
     assert [t for t, _ in tasks] == ["Sort these.", "Skipped numbers are fine."]
     assert dropped == [("9. Instruction: Cut off\n9. Inp", "truncated"),
                        ("8. Instruction: No fields follow", "malformed_task")]
+
+
+def test_echoed_rewrite_header_is_stripped():
+    from selfinstruct.generate.parse import strip_echo
+
+    assert strip_echo("#Rewritten Prompt#:\nList three rivers in Peru.") == "List three rivers in Peru."
+    assert strip_echo("Created Prompt: Name a rare bird.") == "Name a rare bird."
+    # inside the text it stays, for elimination rule 4 to see
+    assert strip_echo("Name a bird. #Rewritten Prompt#: x") == "Name a bird. #Rewritten Prompt#: x"
+    assert strip_echo("Given prompt words stay.") == "Given prompt words stay."

@@ -41,3 +41,18 @@ def test_show_stats_prints_tables(tmp_path, capsys):
     show_stats(tmp_path)
     out = capsys.readouterr().out
     assert "rejected: rouge_similar" in out and "explain" in out and "0.95-1.00" in out
+
+
+def test_alerts_only_when_one_reason_sank_a_whole_stage():
+    from selfinstruct.generate.alerts import FIXES, dominant, raise_alert, uniform_failure
+
+    assert uniform_failure(["classify_unclear"] * 4) == "classify_unclear"
+    assert uniform_failure(["classify_unclear", ""]) is None  # one succeeded
+    assert uniform_failure(["truncated", "preamble"]) is None and uniform_failure([]) is None
+    assert dominant(["a", "b", "b"]) == "b" and dominant([]) == "empty_reply"
+    alerts: dict = {}
+    line = raise_alert(alerts, "classify", "classify_unclear", 4, ["", "The task is to determine..."])
+    raise_alert(alerts, "classify", "classify_unclear", 2, ["Hmm."])
+    a = alerts["classify:classify_unclear"]
+    assert line == "classify: all 4 failed (classify_unclear)"
+    assert (a["steps"], a["candidates"], a["sample"]) == (2, 6, "Hmm.") and a["fix"] == FIXES["classify_unclear"]

@@ -19,6 +19,58 @@ def test_cut_at_stop():
     assert cut_at_stop("abc", ["x"]) == ("abc", False)
 
 
+def test_a_stop_string_at_the_start_never_erases_the_reply():
+    """A chat teacher restating "Task: ..." first: that is an echoed header, not the end of the reply."""
+    reply = "Task: Sort the words.\nExample 1\nInput: b a\nOutput: a b\nTask: next"
+    assert cut_at_stop(reply, ["Task:"]) == ("Task: Sort the words.\nExample 1\nInput: b a\nOutput: a b\n", True)
+    assert cut_at_stop("  \nTask: only an echo", ["Task:"]) == ("  \nTask: only an echo", False)
+
+
+def test_prefill_is_part_of_the_chat_and_of_the_reply():
+    from selfinstruct.teacher.base import with_prefill
+
+    req = Request("Give examples.", Sampling(), system="Be brief.", prefill="Example 1\nInput:")
+    assert req.messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Give examples."},
+                              {"role": "assistant", "content": "Example 1\nInput:"}]
+    assert with_prefill(req, " 3\nOutput: 4", chat=True) == "Example 1\nInput: 3\nOutput: 4"
+    assert with_prefill(req, "Example 1\nInput: 3", chat=False) == "Example 1\nInput: 3"  # completion: unchanged
+
+
+def test_hf_prefill_is_continued(teacher_dir):
+    chat = HFTeacher(TeacherConfig(model=str(teacher_dir)))
+    prompt = render("self_instruct/instances_input_first.jinja", instruction="Write a short poem about the ocean.")
+    req = Request(prompt, Sampling(temperature=0, max_tokens=30), prefill="Example 1\nInput:")
+    encoded = chat._encode(req)
+    assert encoded.endswith("<|im_start|>assistant\nExample 1\nInput:")  # continued, not closed
+    out = chat.generate([req])[0][0]
+    assert out.text.startswith("Example 1\nInput:") and "Output:" in out.text  # the tiny teacher's format
+
+
+def test_hf_choices_pick_the_most_likely_answer(teacher_dir):
+    """Yes / No by comparing the two answers' log-likelihoods (end of turn included); checked against the
+    same quantity computed independently from the model's loss on each full sequence."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = HFTeacher(TeacherConfig(model=str(teacher_dir)))
+    model, tok = AutoModelForCausalLM.from_pretrained(teacher_dir).eval(), AutoTokenizer.from_pretrained(teacher_dir)
+    for task in ("Decide whether the review is positive or negative.", "Write a funny story about a lost dog."):
+        req = Request(render("self_instruct/is_classification.jinja", instruction=task), Sampling(max_tokens=3, n=2),
+                      choices=("Yes", "No"))
+        got = teacher.generate([req])[0]
+        assert len(got) == 2 and got[0] == got[1] and got[0].text in ("Yes", "No")
+        prompt = tok.apply_chat_template([{"role": "user", "content": req.prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        scores = {}
+        for choice in ("Yes", "No"):
+            a_ids = tok(choice, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor([p_ids + a_ids])
+            labels = torch.tensor([[-100] * len(p_ids) + a_ids])
+            with torch.no_grad():
+                scores[choice] = -float(model(input_ids=ids, labels=labels).loss) * len(a_ids)
+        assert got[0].text == max(scores, key=scores.get)
+
+
 def test_penalties_follow_openai_semantics():
     proc = _Penalties(prompt_len=2, presence=2.0, frequency=0.5)
     ids = torch.tensor([[9, 9, 3, 3, 4]])  # prompt 9 9, generated 3 3 4
@@ -118,5 +170,11 @@ def test_completion_format_sends_the_plain_prompt(teacher_dir):
                                                 "<|im_start|>user\n" + PROMPT)
     assert plain._encode(with_system) == PROMPT  # a completion teacher gets the prompt alone
     out = plain.generate([Request(PROMPT, Sampling(temperature=0, max_tokens=4))])
-    assert out[0][0].finish_reason == "length"  # 4 tokens cannot finish a list the model was tuned to write
-    assert plain.stats["tokens_out"] == 4
+    # The finish reason must say what the model did, checked against a plain greedy generate of the same text:
+    # "stop" when it ended its turn within 4 tokens, "length" when it was cut.
+    enc = plain.tok(PROMPT, return_tensors="pt")
+    new = plain.model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=plain.tok.pad_token_id)[0]
+    new = new[enc["input_ids"].shape[1]:].tolist()
+    ended = plain.tok.eos_token_id in new
+    assert out[0][0].finish_reason == ("stop" if ended else "length")
+    assert plain.stats["tokens_out"] == (new.index(plain.tok.eos_token_id) + 1 if ended else 4)

@@ -85,3 +85,27 @@ def test_lora_adapter_from_selfinstruct_train(base_cfg, chat, smollm2_adapter):
     tuned, base = student.generate([req])[0][0].text, chat.generate([req])[0][0].text
     assert tuned != base
     assert "banana" in tuned.lower()  # what it was trained to say
+
+
+def test_prefilled_reply_is_continued(chat):
+    """The chat model writes examples at once when its reply starts with the format (SmolLM2, unprefilled,
+    restates the task first)."""
+    from selfinstruct.prompts import render
+
+    prompt = render("self_instruct/instances_input_first.jinja", instruction="Convert the word to upper case.")
+    req = Request(prompt, Sampling(temperature=0.0, max_tokens=40), prefill="Example 1\nInput:")
+    text = chat.generate([req])[0][0].text
+    assert text.startswith("Example 1\nInput:") and "Output:" in text
+
+
+def test_choice_is_enforced(chat):
+    from selfinstruct.prompts import render
+
+    assert chat.enforces_choices
+    reqs = [Request(render("self_instruct/is_classification.jinja", instruction=task),
+                    Sampling(temperature=0.0, max_tokens=4), choices=("Yes", "No"))
+            for task in ("Tell whether the email is spam or not spam.", "Write a poem about a lighthouse.")]
+    assert all(o[0].text in ("Yes", "No") for o in chat.generate(reqs))
+    equal = chat.generate([Request("Are these the same? 'Name a fruit.' and 'Name a fruit.'",
+                                   Sampling(temperature=1.0, max_tokens=6, seed=1), choices=("Equal", "Not Equal"))])
+    assert equal[0][0].text in ("Equal", "Not Equal")

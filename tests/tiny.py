@@ -92,7 +92,7 @@ def teacher_examples(n_each: int = 120, seed: int = 0) -> list[tuple[str, str]]:
     for _ in range(n_each):
         demos = [s.instruction for s in rng.sample(seeds, 8)]
         new = [synthetic_task(rng)[0] for _ in range(3)]
-        answer = f"{new[0]}\n10. {new[1]}\n11. {new[2]}"
+        answer = f"9. {new[0]}\n10. {new[1]}\n11. {new[2]}"  # a chat reply starts with the item number (prefill)
         out.append((render(T_INSTRUCTIONS, instructions=demos), answer))
         task = rng.choice(seeds)
         out.append((render(T_CLASSIFY, instruction=task.instruction), "Yes" if task.is_classification else "No"))
@@ -118,7 +118,7 @@ def alpaca_examples(n: int = 160, seed: int = 0) -> list[tuple[str, str]]:
                   "output": t.instances[0].output} for t in rng.sample(seeds, 3)]
         items = []
         for j, (instruction, inp, output) in enumerate(synthetic_task(rng) for _ in range(3)):
-            head = "" if j == 0 else f"{j + 4}. Instruction: "
+            head = f"{j + 4}. Instruction: "  # the first one's head is the reply's prefilled start
             items.append(f"{head}{instruction}\n{j + 4}. Input:\n{inp if j % 2 else '<noinput>'}\n"
                          f"{j + 4}. Output:\n{output}")
         out.append((render("alpaca/prompt.jinja", num_tasks=20, demos=demos), "\n###\n".join(items)))
@@ -143,7 +143,7 @@ def evol_examples(n: int = 300, seed: int = 0) -> list[tuple[str, str]]:
         new, _, answer = synthetic_task(rng)
         evolved = f"{new} {rng.choice(CONSTRAINTS)}" if op != "breadth" else new
         if rng.random() < 0.1:
-            evolved = f"#Rewritten Prompt#: {evolved}"
+            evolved = f"{evolved} That is the rewritten prompt."  # copies the prompt's words: rule 4
         out.append((render(T_OPS[op], instruction=parent), evolved))
         out.append((render(T_EQUAL, first=parent, second=evolved), "Equal" if rng.random() < 0.2 else "Not Equal"))
         u = rng.random()

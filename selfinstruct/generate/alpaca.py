@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 
 from selfinstruct.filters import check_instance
+from selfinstruct.generate.alerts import dominant
 from selfinstruct.generate.loop import Run
 from selfinstruct.generate.parse import parse_alpaca
 from selfinstruct.generate.self_instruct import demo_text, public, seeded
@@ -22,8 +23,9 @@ from selfinstruct.records import Record
 from selfinstruct.teacher import Request
 
 T_ALPACA = "alpaca/prompt.jinja"
+T_REPLY = "alpaca/prompt_reply.jinja"  # how a chat teacher's reply begins (prefilled): the next task's number
 TEMPLATES = {T_ALPACA: {"num_tasks": 20, "demos": [{"instruction": "Say hello.", "input": "<noinput>",
-                                                    "output": "Hello."}] * 3}}
+                                                    "output": "Hello."}] * 3}, T_REPLY: {"n": 4}}
 
 
 def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[str]]]:
@@ -38,7 +40,7 @@ def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[str]
         demos = [{"instruction": demo_text(t.instruction), "input": t.instances[0].input or "<noinput>",
                   "output": t.instances[0].output} for t in tasks]
         requests.append(Request(render(T_ALPACA, num_tasks=acfg.num_tasks, demos=demos),
-                                seeded(acfg.sampling, rng, stop=stop)))
+                                seeded(acfg.sampling, rng, stop=stop), prefill=render(T_REPLY, n=n_demos + 1)))
         parents.append([t.id for t in tasks])
     return requests, parents
 
@@ -58,10 +60,12 @@ def step(run: Run) -> None:
     records: list[Record] = []
     rejected: list[dict] = []
     template, sampling = template_id(T_ALPACA), {"task": public(acfg.sampling)}
+    outcomes, replies = [], []  # per reply: "" when it gave a record, else why not
     for completions, par in zip(outs, parents, strict=True):
         for c in completions:
             tasks, dropped = parse_alpaca(c.text, n_demos + 1, c.finish_reason == "length")
             rejected += [{"stage": "task", "reason": r, "raw": t[:2000]} for t, r in dropped]
+            reasons, kept_before = [r for _, r in dropped], len(records)
             for instruction, inst in tasks:
                 run.counts["candidates"] += 1
                 ok, reason = check_instance(inst)
@@ -69,6 +73,7 @@ def step(run: Run) -> None:
                 if ok:  # screened last: a kept instruction enters the pool
                     ok, reason, extra = run.screen(instruction, len(records))
                 if not ok:
+                    reasons.append(reason)
                     rejected.append({"stage": "task", "reason": reason, "instruction": instruction,
                                      "input": inst.input, "output": inst.output, **extra})
                     continue
@@ -76,6 +81,10 @@ def step(run: Run) -> None:
                     id=run.next_id(), instruction=instruction, input=inst.input, output=inst.output,
                     method="alpaca", round=run.round, parents=par, teacher=run.teacher.name,
                     template=template, sampling=sampling, scores={"rouge_max": extra["rouge_max"]}))
+            failed = dominant(reasons) if c.text.strip() else "empty_reply"
+            outcomes.append("" if len(records) > kept_before else failed)
+            replies.append(c.text)
+    run.alert("tasks", outcomes, replies)
     for r in records:
         run.machine.append((r.instruction, r.id))
     run.accept(records)

@@ -37,7 +37,7 @@ from selfinstruct.config import EVOL_OPERATIONS, Config, EvolWeights
 from selfinstruct.dedup import normalise
 from selfinstruct.filters import check_evolved_response, copies_prompt_words
 from selfinstruct.generate.loop import Run
-from selfinstruct.generate.parse import parse_equal
+from selfinstruct.generate.parse import parse_equal, strip_echo
 from selfinstruct.generate.self_instruct import public, seeded
 from selfinstruct.prompts import render, template_id
 from selfinstruct.records import Record, read_jsonl, user_turn
@@ -51,6 +51,7 @@ T_SYSTEM = "evol/system.jinja"  # WizardLM's system message, on the rewrite and 
 TEMPLATES = {**{t: {"instruction": "Say hello."} for t in T_OPS.values()},
              T_EQUAL: {"first": "Say hello.", "second": "Say hello in French."}, T_RESPONSE: {"instruction": "Hi."},
              T_SYSTEM: {}}
+EQUAL_CHOICES = ("Equal", "Not Equal")
 # The paper's elimination rules, by the reason names rejected.jsonl and stats.json use.
 RULES = {"no_information_gain": 1, "sorry_short_response": 2, "stopwords_only_response": 3,
          "copies_prompt_words": 4}
@@ -173,19 +174,22 @@ def step(run: Run) -> None:
 
     rejected: list[dict[str, Any]] = []
     cands: list[tuple[int, str, str, dict[str, Any]]] = []
+    outcomes: list[str] = []
     for k, op, out in zip(range(start, end), ops, outs, strict=True):
         c = out[0]
-        text = c.text.strip()
+        text = strip_echo(c.text)  # a chat teacher's "#Rewritten Prompt#:" before its rewrite is no rewrite
         reason, extra = screen(run, slots[k], text, c.finish_reason == "length")
         if reason:
             rejected.append({"stage": "evol", "reason": reason, "operation": op, "evol_round": r + 1, "slot": k,
                              "parent": slots[k].ids[-1], "instruction": text, **extra})
         else:
             cands.append((k, op, text, extra))
+        outcomes.append(reason if c.text.strip() else "empty_reply")
+    run.alert("evolve", outcomes, [o[0].text for o in outs])
 
     rng = random.Random(f"{seed}-evol-{r}-{start}-answers")
-    asks = [Request(render(T_EQUAL, first=slots[k].text, second=text), seeded(ecfg.equality_sampling, rng))
-            for k, _, text, _ in cands]
+    asks = [Request(render(T_EQUAL, first=slots[k].text, second=text), seeded(ecfg.equality_sampling, rng),
+                    choices=EQUAL_CHOICES) for k, _, text, _ in cands]
     system = render(T_SYSTEM).strip()
     asks += [Request(render(T_RESPONSE, instruction=text), seeded(ecfg.response_sampling, rng), system=system)
              for _, _, text, _ in cands]
@@ -194,6 +198,8 @@ def step(run: Run) -> None:
     run.counts["requests/response"] += len(cands)
 
     records: list[Record] = []
+    mode = "choice" if getattr(run.teacher, "enforces_choices", False) else "parsed"  # how Equal was decided
+    answered: list[str] = []  # per survivor of the cheap checks: "" when it became a record, else why not
     sampling = {"evolve": public(ecfg.evolve_sampling), "response": public(ecfg.response_sampling)}
     templates = {op: f"{template_id(T_OPS[op])}+{template_id(T_RESPONSE)}" for op in set(ops)}
     for (k, op, text, extra), judged, resp in zip(cands, answers[:len(cands)], answers[len(cands):], strict=True):
@@ -208,6 +214,7 @@ def step(run: Run) -> None:
             reason = "truncated_response"
         else:
             reason = check_evolved_response(c.text, ecfg.sorry_max_words)[1]
+        answered.append(reason)
         if reason:  # not in the dataset, so it no longer blocks near-copies (a retry may pass)
             run.pool.retire(extra["pool_index"])
             rejected.append({"stage": "evol", "reason": reason, "operation": op, "evol_round": r + 1, "slot": k,
@@ -217,12 +224,14 @@ def step(run: Run) -> None:
         rec = Record(
             id=run.next_id(), instruction=text, output=c.text.strip(), method=f"evol:{op}", round=run.round,
             parents=[slot.ids[-1]], teacher=run.teacher.name, template=templates[op],
-            sampling=sampling, scores={"rouge_max": extra["rouge_max"], "judged_equal": equal},
+            sampling=sampling, scores={"rouge_max": extra["rouge_max"], "judged_equal": equal,
+                                       "equality_mode": mode},
             lineage={"depth": len(slot.ops) + 1, "operations": [*slot.ops, op], "chain": list(slot.ids),
                      "slot": k, "evol_round": r + 1})
         records.append(rec)
         slot.advance(rec.id, op, text)
         run.machine.append((text, rec.id))
+    run.alert("respond", answered, [a[0].text for a in answers[len(cands):]])
     run.counts["evolved"] += len(records)
     run.accept(records)
     run.reject(rejected)

@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from selfinstruct.config import Config, dump_yaml
 from selfinstruct.dedup import RougePool
 from selfinstruct.errors import StorageError, UserError
 from selfinstruct.filters import check_evolved_instruction, check_instruction, is_rouge_similar
+from selfinstruct.generate.alerts import raise_alert, uniform_failure
 from selfinstruct.prompts import check_templates, use_prompts_dir
 from selfinstruct.records import JsonlAppender, Record, read_jsonl, read_rows, write_atomic, write_json
 from selfinstruct.seeds import SeedTask, load_tasks, record_text
@@ -60,6 +62,8 @@ class Run:
     slots: list[Any] | None = None  # Evol-Instruct lineages (generate.evol.Slot), rebuilt on resume
     n_records: int = 0
     round: int = 1
+    alerts: dict[str, dict[str, Any]] = field(default_factory=dict)  # stages that came to nothing (alerts.py)
+    last_alert: str = ""
     _accepted: JsonlAppender | None = None
     _rejected: JsonlAppender | None = None
     _prefetched: dict[int, tuple[list[Request], Future]] = field(default_factory=dict)
@@ -95,6 +99,12 @@ class Run:
             self.counts["prefetched_unused"] += len(sent[0])
         return self.teacher.generate(requests)
 
+    def alert(self, stage: str, outcomes: list[str], replies: list[str]) -> None:
+        """Say so when every candidate of `stage` in this step failed for one reason ("" = a success)."""
+        reason = uniform_failure(outcomes)
+        if reason is not None:
+            self.last_alert = raise_alert(self.alerts, stage, reason, len(outcomes), replies)
+
     def next_id(self) -> str:
         self.n_records += 1
         return f"r{self.round}-{self.n_records:06d}"
@@ -113,7 +123,7 @@ class Run:
         write_json(self.dir / "state.json", {
             "step": self.step, "stalled_requests": self.stalled_requests, "n_records": self.n_records,
             "demo_pool_size": self.demo_pool_size, "evol_round": self.evol_round, "evol_pos": self.evol_pos,
-            "counts": dict(self.counts), "reasons": dict(self.reasons),
+            "counts": dict(self.counts), "reasons": dict(self.reasons), "alerts": self.alerts,
             "sizes": {name: (self.dir / name).stat().st_size for name in OUTPUT_FILES}})
 
     def screen(self, instruction: str, n_fresh: int | None, exclude: Collection[int] = (),
@@ -185,6 +195,7 @@ def _restore(run: Run) -> None:
     run.demo_pool_size = state["demo_pool_size"]
     run.evol_round, run.evol_pos = state.get("evol_round", 0), state.get("evol_pos", 0)
     run.counts, run.reasons = Counter(state["counts"]), Counter(state["reasons"])
+    run.alerts = state.get("alerts", {})
     records = read_jsonl(run.dir / "generated.jsonl")
     run.n_records = len(records)
     for rec in records:
@@ -284,11 +295,13 @@ def _generate(run: Run, how: Recipe) -> Path:
                 if run.stalled_requests >= gcfg.max_stalled_requests:
                     stopped = "stalled"
                     break
+                run.last_alert = ""
                 how.step(run)
                 run.checkpoint()
                 what, completed, total = how.progress(run)
+                alert = f" · [bold red]{escape(run.last_alert)}[/]" if run.last_alert else ""
                 bar.update(task, description=what, completed=completed, total=total,
-                           info=f"{run.n_records} records · {sum(run.reasons.values())} rejected")
+                           info=f"{run.n_records} records · {sum(run.reasons.values())} rejected{alert}")
     except OSError as e:  # the disk, not the input: what was checkpointed is safe
         raise StorageError(f"cannot write {e.filename or run.dir}: {e.strerror or e}. Everything accepted up "
                            "to the last completed step is on disk; free space (or fix permissions) and run the "
@@ -311,11 +324,14 @@ class StalledError(Exception):
 
     def __init__(self, run: Run, stats: dict[str, Any]):
         top = ", ".join(f"{k} {v}" for k, v in Counter(stats["rejected"]).most_common(3)) or "nothing parsed"
+        worst = max(run.alerts.values(), key=lambda a: a["candidates"], default=None)
+        why = (f" Every {worst['stage']} candidate failed as {worst['reason']} in {worst['steps']} step(s); a reply: "
+               f"{worst['sample'][:160]!r}. Likely fix: {worst['fix']}.") if worst else ""
         super().__init__(
             f"the teacher produced no acceptable instruction in {run.cfg.generate.max_stalled_requests} "
             f"requests in a row; stopped with {stats['accepted_instructions']} of "
-            f"{stats['target_instructions']} instructions (top rejections: {top}). Stats: {run.dir / 'stats.json'}. "
-            f"Check the teacher model (--teacher) or raise generate.max_stalled_requests.")
+            f"{stats['target_instructions']} instructions (top rejections: {top}).{why} Stats: "
+            f"{run.dir / 'stats.json'}. Check the teacher model (--teacher) or raise generate.max_stalled_requests.")
 
 
 def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
@@ -339,6 +355,7 @@ def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
         "rejected": dict(run.reasons.most_common()),
         "rejected_total": sum(run.reasons.values()),
         "teacher_calls": getattr(run.teacher, "stats", {}),
+        "alerts": list(run.alerts.values()),
         "steps": run.step,
         "elapsed_s": round(elapsed, 2),
     }
@@ -360,6 +377,8 @@ def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
 
 
 def print_summary(stats: dict[str, Any]) -> None:
-    from selfinstruct.stats import counts_table
+    from selfinstruct.stats import alerts_table, counts_table
 
     console.print(counts_table(stats, f"{stats['method']} with {stats['teacher']}"))
+    if stats.get("alerts"):
+        console.print(alerts_table(stats["alerts"]))

@@ -19,9 +19,11 @@ NO_INPUT = {"<none>", "none", "<noinput>", "n/a", ""}
 
 
 def normalise_instruction(text: str) -> str:
-    """Whitespace collapsed, ends trimmed, first letter upper-cased (only the first: unlike the
-    original code's str.capitalize(), 'Python' and 'JSON' keep their case)."""
+    """Whitespace collapsed, ends trimmed, a leftover list number ("1. ", "2) ") removed, first letter
+    upper-cased (only the first: unlike the original code's str.capitalize(), 'Python' and 'JSON' keep
+    their case). A chat teacher continuing item 9 often starts a list of its own: "9. 1. List...")."""
     text = re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"^(?:\d+[.)]\s+)+", "", text)
     return text[:1].upper() + text[1:]
 
 
@@ -43,6 +45,16 @@ def parse_instructions(text: str, truncated: bool) -> tuple[list[str], list[tupl
         dropped.append((items.pop(), "truncated"))
     dropped += [(item, "empty_item") for item in items if not item]
     return [item for item in items if item], dropped
+
+
+_ECHO = re.compile(r"^\s*#*\s*(?:rewritten|created)\s+prompt\s*(?:#\s*:?|:)\s*", re.IGNORECASE)
+
+
+def strip_echo(text: str) -> str:
+    """A rewrite without the header a chat teacher often restates first ("#Rewritten Prompt#:", "Created
+    Prompt:"): that header opens the answer, it is not part of it. Elsewhere in the text it stays (and
+    elimination rule 4 then sees it)."""
+    return _ECHO.sub("", text, count=1).strip()
 
 
 def parse_yes_no(text: str) -> bool | None:

@@ -18,6 +18,7 @@ import re
 
 from selfinstruct.config import Sampling
 from selfinstruct.filters import clean_instances
+from selfinstruct.generate.alerts import dominant
 from selfinstruct.generate.loop import Run
 from selfinstruct.generate.parse import parse_instances, parse_instructions, parse_yes_no
 from selfinstruct.prompts import render, template_id
@@ -28,9 +29,15 @@ T_INSTRUCTIONS = "self_instruct/instructions.jinja"
 T_CLASSIFY = "self_instruct/is_classification.jinja"
 T_INPUT_FIRST = "self_instruct/instances_input_first.jinja"
 T_OUTPUT_FIRST = "self_instruct/instances_output_first.jinja"
+# How a chat teacher's reply begins, per stage (prefilled): the format starts at once, nothing to restate.
+REPLY = {T_INSTRUCTIONS: "self_instruct/instructions_reply.jinja",
+         T_INPUT_FIRST: "self_instruct/instances_input_first_reply.jinja",
+         T_OUTPUT_FIRST: "self_instruct/instances_output_first_reply.jinja"}
+YES_NO = ("Yes", "No")
 _TASK = {"instruction": "Sort the words alphabetically."}
 TEMPLATES = {T_INSTRUCTIONS: {"instructions": ["Say hello.", "Add two numbers."]}, T_CLASSIFY: _TASK,
-             T_INPUT_FIRST: _TASK, T_OUTPUT_FIRST: _TASK}
+             T_INPUT_FIRST: _TASK, T_OUTPUT_FIRST: _TASK, REPLY[T_INSTRUCTIONS]: {"n": 3},
+             REPLY[T_INPUT_FIRST]: {}, REPLY[T_OUTPUT_FIRST]: {}}
 
 
 def sample_demos(rng: random.Random, human: list[tuple[str, str]], machine: list[tuple[str, str]],
@@ -62,7 +69,8 @@ def instruction_requests(run: Run, step_no: int) -> tuple[random.Random, list[Re
     for _ in range(cfg.request_batch_size):
         demos = sample_demos(rng, human, machine, cfg.num_prompt_instructions, cfg.num_machine_demos)
         prompt = render(T_INSTRUCTIONS, instructions=[demo_text(t) for t, _ in demos])
-        requests.append(Request(prompt, seeded(cfg.instruction_sampling, rng)))
+        requests.append(Request(prompt, seeded(cfg.instruction_sampling, rng),
+                                prefill=render(REPLY[T_INSTRUCTIONS], n=len(demos) + 1)))
         parents.append([i for _, i in demos])
     return rng, requests, parents
 
@@ -79,17 +87,25 @@ def step(run: Run) -> None:
 
     # 2. Parse, filter, and drop near-duplicates of the pool (which grows as we accept).
     fresh: list[tuple[str, list[str], float]] = []
+    outcomes, replies = [], []  # per reply: "" when it gave a new instruction, else why not
     for completions, par in zip(outs, parents, strict=True):
         for c in completions:
             items, dropped = parse_instructions(c.text, c.finish_reason == "length")
             rejected += [{"stage": "instruction", "reason": r, "instruction": t} for t, r in dropped]
+            reasons = [r for _, r in dropped]
+            kept_before = len(fresh)
             for item in items:
                 run.counts["candidates"] += 1
                 ok, reason, extra = run.screen(item, len(fresh))
                 if ok:
                     fresh.append((item, par, extra["rouge_max"]))
                 else:
+                    reasons.append(reason)
                     rejected.append({"stage": "instruction", "reason": reason, "instruction": item, **extra})
+            outcomes.append("" if len(fresh) > kept_before else
+                            dominant(reasons) if c.text.strip() else "empty_reply")
+            replies.append(c.text)
+    run.alert("instructions", outcomes, replies)
 
     # The next step's prompts may show the machine instructions accepted so far; build them now and,
     # where the teacher serves concurrent calls, send them while this step finishes.
@@ -98,28 +114,32 @@ def step(run: Run) -> None:
         run.prefetch(run.step, instruction_requests(run, run.step)[1])
 
     # 3. Classification or not (decides output-first vs input-first instance generation).
-    answers = run.teacher.generate(
-        [Request(render(T_CLASSIFY, instruction=i), seeded(cfg.classify_sampling, rng)) for i, _, _ in fresh])
+    answers = run.teacher.generate(  # a choice of Yes / No where the backend can enforce one
+        [Request(render(T_CLASSIFY, instruction=i), seeded(cfg.classify_sampling, rng), choices=YES_NO)
+         for i, _, _ in fresh])
     run.counts["requests/classify"] += len(fresh)
     is_clf = []
     for a in answers:
         verdict = parse_yes_no(a[0].text)
         run.counts["classify_unclear" if verdict is None else ("classification" if verdict else "generation")] += 1
         is_clf.append(bool(verdict))
+    run.alert("classify", ["classify_unclear" if parse_yes_no(a[0].text) is None else "" for a in answers],
+              [a[0].text for a in answers])
 
     # 4. Instances.
     stop = list(cfg.instance_sampling.stop) + [f"Example {cfg.max_instances + 1}"]
     inst_requests = [
-        Request(render(T_OUTPUT_FIRST if clf else T_INPUT_FIRST, instruction=i),
-                seeded(cfg.instance_sampling, rng, stop=stop))
-        for (i, _, _), clf in zip(fresh, is_clf, strict=True)]
+        Request(render(t, instruction=i), seeded(cfg.instance_sampling, rng, stop=stop), prefill=render(REPLY[t]))
+        for (i, _, _), clf in zip(fresh, is_clf, strict=True) for t in [T_OUTPUT_FIRST if clf else T_INPUT_FIRST]]
     inst_outs = run.teacher.generate(inst_requests)
     run.counts["requests/instances"] += len(inst_requests)
 
     records: list[Record] = []
+    mode = "choice" if getattr(run.teacher, "enforces_choices", False) else "parsed"  # how Yes / No was decided
     t_instr = template_id(T_INSTRUCTIONS)
     templates = {clf: f"{t_instr}+{template_id(T_OUTPUT_FIRST if clf else T_INPUT_FIRST)}" for clf in (False, True)}
     sampling = {"instruction": public(cfg.instruction_sampling), "instance": public(cfg.instance_sampling)}
+    outcomes = []
     for (instr, par, score), clf, out in zip(fresh, is_clf, inst_outs, strict=True):
         c = out[0]
         instances = parse_instances(c.text, clf)
@@ -135,16 +155,19 @@ def step(run: Run) -> None:
             reason = "no_valid_instances" if parsed else "unformatted_instances"
             rejected.append({"stage": "task", "reason": reason, "instruction": instr,
                              "raw": c.text[:2000], "in_pool": True})
+            outcomes.append(reason if c.text.strip() else "empty_reply")
             continue
+        outcomes.append("")
         first = len(records)
         for inst in kept:
             records.append(Record(
                 id=run.next_id(), instruction=instr, input=inst.input, output=inst.output,
                 method="self-instruct", round=run.round, parents=par, teacher=run.teacher.name,
                 template=templates[clf], sampling=sampling,
-                scores={"rouge_max": round(score, 4), "is_classification": clf}))
+                scores={"rouge_max": round(score, 4), "is_classification": clf, "classification_mode": mode}))
         run.machine.append((instr, records[first].id))
 
+    run.alert("instances", outcomes, [o[0].text for o in inst_outs])
     run.accept(records)
     run.reject(rejected)
     run.stalled_requests = 0 if records else run.stalled_requests + len(requests)

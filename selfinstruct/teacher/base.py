@@ -26,11 +26,21 @@ class Request:
     sampling: Sampling
     json_schema: dict | None = None  # ask for JSON of this schema where the backend can enforce it
     system: str | None = None  # a system message before the prompt (chat teachers; completion ones ignore it)
+    # The start of the assistant's reply, for stages that expect a format ("Example 1\nInput:"): a chat
+    # teacher continues it, and its Completion text begins with it. Completion-format teachers ignore it
+    # (their prompt already ends where the format starts).
+    prefill: str | None = None
+    # The answer must be one of these (Yes / No, Equal / Not Equal): enforced where the backend can
+    # (`enforces_choices`: vLLM's structured outputs, a likelihood comparison on transformers), asked
+    # for otherwise (a server's structured_outputs field), and parsed from free text where ignored.
+    choices: tuple[str, ...] | None = None
 
     def messages(self) -> list[dict[str, str]]:
-        """The request as a chat: the system message, if any, then the prompt as the user's turn."""
+        """The request as a chat: the system message, if any, the prompt as the user's turn, and the
+        prefilled start of the assistant's reply, if any (to be continued, not closed)."""
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return [*head, {"role": "user", "content": self.prompt}]
+        tail = [{"role": "assistant", "content": self.prefill}] if self.prefill else []
+        return [*head, {"role": "user", "content": self.prompt}, *tail]
 
 
 @dataclass(frozen=True)
@@ -57,9 +67,23 @@ def use_chat(cfg: TeacherConfig, has_template: bool) -> bool:
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
-    """Cut `text` before the earliest stop string (servers differ in whether they do it themselves)."""
-    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    """Cut `text` before the earliest stop string (servers differ in whether they do it themselves). A stop
+    string at the very start (after whitespace) is an echoed header, not the end: it never erases a reply."""
+    hits = [i for s in stop if s for i in _finds(text, s) if text[:i].strip()]
     return (text[: min(hits)], True) if hits else (text, False)
+
+
+def _finds(text: str, s: str) -> list[int]:
+    """The first occurrence of `s` in `text`, and the second when the first is at the start."""
+    i = text.find(s)
+    if i < 0:
+        return []
+    return [i] if text[:i].strip() else [i, *([j] if (j := text.find(s, i + len(s))) >= 0 else [])]
+
+
+def with_prefill(req: Request, text: str, chat: bool) -> str:
+    """A reply as the parsers see it: a chat teacher continued the prefill, so it comes first."""
+    return (req.prefill or "") + text if chat else text
 
 
 def adapter_name(lora_path: str) -> str:

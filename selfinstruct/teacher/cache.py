@@ -2,8 +2,9 @@
 
     teacher = CachedTeacher(OpenAITeacher(cfg), ResponseCache("~/.cache/selfinstruct/responses.sqlite"))
 
-Key: sha256 of (model, chat or completion, prompt, system message if any, JSON schema, sampling
-parameters without `n`, sample index). Without `n` and with the index, asking for 5 samples after 3 reuses the first 3.
+Key: sha256 of (model, chat or completion, prompt, system message and reply prefill if any, JSON
+schema, sampling parameters without `n`, sample index). Without `n` and with the index, asking for 5
+samples after 3 reuses the first 3.
 SQLite in WAL mode with a busy timeout: several threads or processes (two stages, two runs) may
 read and write at once. Nothing secret is in a key: the API key never reaches this layer.
 """
@@ -26,8 +27,11 @@ def cache_key(model: str, chat: bool, req: Request, sample: int) -> str:
     sampling.pop("n")
     key = {"model": model, "chat": chat, "prompt": req.prompt, "schema": req.json_schema, "sampling": sampling,
            "sample": sample}
-    if req.system is not None and chat:  # only when set: earlier answers keep their keys
-        key["system"] = req.system
+    if req.choices:
+        key["choices"] = list(req.choices)
+    for extra in ("system", "prefill"):  # only when set: earlier answers keep their keys
+        if getattr(req, extra) is not None and chat:
+            key[extra] = getattr(req, extra)
     blob = json.dumps(key, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -73,6 +77,7 @@ class CachedTeacher:
         self.inner, self.cache = inner, cache
         self.name = inner.name
         self.concurrent = getattr(inner, "concurrent", False)
+        self.enforces_choices = getattr(inner, "enforces_choices", False)
         self.hits = self.misses = 0
         self._pool = ThreadPoolExecutor(1) if self.concurrent else None
 

@@ -13,7 +13,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.modeling import load_model_and_tokenizer
-from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, use_chat
+from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, use_chat, with_prefill
 
 
 class _Penalties(LogitsProcessor):
@@ -32,6 +32,8 @@ class _Penalties(LogitsProcessor):
 
 class HFTeacher:
     """Groups requests with equal sampling parameters and generates them in length-sorted batches."""
+
+    enforces_choices = True  # a request with choices gets the most likely one (_choose)
 
     def __init__(self, cfg: TeacherConfig):
         self.cfg = cfg
@@ -62,12 +64,16 @@ class HFTeacher:
         req = req if isinstance(req, Request) else Request(req, Sampling())
         if not self.chat:
             return req.prompt
-        return self.tok.apply_chat_template(req.messages(), tokenize=False, add_generation_prompt=True)
+        return self.tok.apply_chat_template(req.messages(), tokenize=False, add_generation_prompt=not req.prefill,
+                                            continue_final_message=bool(req.prefill))
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
         results: list[list[Completion | None]] = [[None] * r.sampling.n for r in requests]
         groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
         for i, r in enumerate(requests):
+            if r.choices:  # answered by comparing the choices' likelihoods, not by sampling
+                results[i] = [self._choose(r)] * r.sampling.n
+                continue
             s = r.sampling
             key = (s.temperature, s.top_p, s.max_tokens, s.presence_penalty, s.frequency_penalty, tuple(s.stop))
             groups[key].extend((i, k) for k in range(s.n))
@@ -79,8 +85,29 @@ class HFTeacher:
                 seeds = [(requests[i].sampling.seed or 0, k) for i, k in chunk]
                 outs = self._batch([texts[i] for i, _ in chunk], requests[chunk[0][0]].sampling, seeds)
                 for (i, k), out in zip(chunk, outs, strict=True):
-                    results[i][k] = out
+                    results[i][k] = Completion(with_prefill(requests[i], out.text, self.chat), out.finish_reason)
         return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _choose(self, req: Request) -> Completion:
+        """The most likely of `req.choices` as the whole answer (each followed by the end of the turn in chat
+        form): the sum of its tokens' log-probabilities after the prompt, all choices in one batch."""
+        prompt = self.tok(self._encode(req), add_special_tokens=not self.chat)["input_ids"]
+        end = [self.tok.eos_token_id] if self.chat and self.tok.eos_token_id is not None else []
+        answers = [self.tok(c, add_special_tokens=False)["input_ids"] + end for c in req.choices]
+        width = len(prompt) + max(map(len, answers))
+        ids = torch.full((len(answers), width), self.tok.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for row, a in enumerate(answers):
+            ids[row, : len(prompt) + len(a)] = torch.tensor(prompt + a)
+            mask[row, : len(prompt) + len(a)] = 1
+        logp = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)) \
+            .logits.float().log_softmax(-1).cpu()
+        scores = [sum(float(logp[row, len(prompt) + t - 1, tok]) for t, tok in enumerate(a))
+                  for row, a in enumerate(answers)]
+        self.counts["tokens_in"] += len(prompt)
+        best = req.choices[max(range(len(scores)), key=scores.__getitem__)]
+        return Completion(with_prefill(req, best, self.chat), "stop")
 
     @torch.inference_mode()
     def _batch(self, texts: list[str], s: Sampling, seeds: list[tuple[int, int]]) -> list[Completion]:

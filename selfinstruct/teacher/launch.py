@@ -23,7 +23,6 @@ import httpx
 
 from selfinstruct.config import TeacherConfig
 from selfinstruct.errors import TeacherError, UserError
-from selfinstruct.modeling import resolve_model
 
 
 def free_port() -> int:
@@ -35,6 +34,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def launched_server(cfg: TeacherConfig, log: Path) -> Iterator[str]:
     """Yields the server's base URL once its /health answers 200."""
+    from selfinstruct.modeling import resolve_model  # torch and transformers: only when a server is launched
+
     port = free_port()
     cmd = [a.format(model=resolve_model(cfg.model), port=port) for a in server_command(cfg.launch_command)]
     with log.open("ab") as fh:

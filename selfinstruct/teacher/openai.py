@@ -10,15 +10,19 @@
 - Retries with exponential backoff and jitter on connection errors, timeouts, 408/429/5xx; a
   Retry-After header (seconds or an HTTP date) is honoured. Every retry and failure is counted in
   `stats`; a request that fails `max_retries + 1` times ends the call with TeacherError.
+- Chat stages that expect a format prefill the assistant's reply (`continue_final_message`), and
+  Yes/No-style stages ask for a choice (`structured_outputs`): vLLM's extensions of the API.
 - Per-server fallbacks: a server that ignores `n` (transformers serve) gets the missing samples as
-  separate requests with shifted seeds; one that rejects `response_format` gets the request again
-  without it.
+  separate requests with shifted seeds; one that rejects `response_format`, `structured_outputs` or
+  `continue_final_message` (a 4xx naming the field) gets the request again without it, and never
+  again; its free-text replies are parsed as they come.
 - The API key is read from the environment variable named in the config and sent only as a header.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -34,9 +38,13 @@ import aiohttp
 
 from selfinstruct.config import TeacherConfig
 from selfinstruct.errors import TeacherError, UserError
-from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name
+from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, with_prefill
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+# Request fields some servers lack (vLLM has all three; transformers serve none): a 4xx naming one turns it
+# off for that server, and the request goes again without it.
+OPTIONAL_FIELDS = {"response_format": "rejects_response_format", "structured_outputs": "rejects_structured_outputs",
+                   "continue_final_message": "rejects_prefill"}
 
 
 def normalise_url(url: str) -> str:
@@ -67,10 +75,13 @@ class Endpoint:
         self.dead_until = 0.0
         self.ignores_n = False
         self.rejects_response_format = False
+        self.rejects_prefill = False
+        self.rejects_structured_outputs = False
 
 
 class OpenAITeacher:
     concurrent = True
+    enforces_choices = False  # asked for (structured_outputs), but a server may ignore it: answers are parsed
 
     def __init__(self, cfg: TeacherConfig):
         if not cfg.base_urls:
@@ -178,7 +189,10 @@ class OpenAITeacher:
         body: dict = {"model": self.served, "max_tokens": s.max_tokens, "temperature": s.temperature,
                       "top_p": s.top_p}
         if self.chat:
-            body["messages"] = req.messages()
+            prefill = req.prefill and not ep.rejects_prefill
+            body["messages"] = (req if prefill else dataclasses.replace(req, prefill=None)).messages()
+            if prefill:  # vLLM's (and SGLang's) extension: continue the assistant's message
+                body.update(continue_final_message=True, add_generation_prompt=False)
         else:
             body["prompt"] = req.prompt
         # Only what differs from the defaults: some servers warn about or reject fields they lack.
@@ -192,6 +206,8 @@ class OpenAITeacher:
             body["presence_penalty"] = s.presence_penalty
         if s.frequency_penalty:
             body["frequency_penalty"] = s.frequency_penalty
+        if req.choices and not ep.rejects_structured_outputs:  # vLLM's field; other servers may ignore it
+            body["structured_outputs"] = {"choice": list(req.choices)}
         if req.json_schema is not None and not ep.rejects_response_format:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "output", "schema": req.json_schema}}
@@ -228,18 +244,20 @@ class OpenAITeacher:
                     self._failed(ep, f"retried_{status}")
                     wait = retry_after(headers.get("retry-after"))
                 elif status >= 400:
-                    if "response_format" in body and "response_format" in text:
-                        if not ep.rejects_response_format:
-                            self.counts["fallback_response_format"] += 1
-                        ep.rejects_response_format = True  # again without it; parsing copes with free text
-                        self.counts["retried_4xx_response_format"] += 1
+                    named = [f for f in OPTIONAL_FIELDS if f in body and f in text]
+                    if named:  # a server without these extensions: again without them, the parsers cope
+                        for f in named:
+                            if not getattr(ep, OPTIONAL_FIELDS[f]):
+                                self.counts[f"fallback_{f}"] += 1
+                            setattr(ep, OPTIONAL_FIELDS[f], True)
+                            self.counts[f"retried_4xx_{f}"] += 1
                         continue
                     self.counts["failed_4xx"] += 1
                     raise UserError(f"teacher server {endpoint} rejected the request with HTTP {status}: {text[:300]}")
                 else:
                     try:
                         data = json.loads(text)
-                        out = self._parse(data, req)
+                        out = self._parse(data, req, bool(body.get("continue_final_message")))
                     except (json.JSONDecodeError, AttributeError, TypeError):
                         out = None
                     usage = data.get("usage") if out is not None and isinstance(data, dict) else None
@@ -270,11 +288,11 @@ class OpenAITeacher:
             ep.failures = 0
             self.counts["endpoint_taken_out"] += 1
 
-    def _parse(self, data: dict, req: Request) -> list[Completion]:
+    def _parse(self, data: dict, req: Request, continued: bool) -> list[Completion]:
         out = []
         for choice in data.get("choices") or []:
             text = (choice.get("message") or {}).get("content") if self.chat else choice.get("text")
             text, stopped = cut_at_stop(text or "", req.sampling.stop)
             reason = "stop" if stopped else (choice.get("finish_reason") or "stop")
-            out.append(Completion(text, "length" if reason == "length" else "stop"))
+            out.append(Completion(with_prefill(req, text, continued), "length" if reason == "length" else "stop"))
         return out

@@ -29,7 +29,7 @@ from typing import Any
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import UserError
-from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, use_chat
+from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, use_chat, with_prefill
 
 CPU_KV_CACHE_GIB = 4  # the CPU build's KV cache unless $VLLM_CPU_KVCACHE_SPACE says otherwise
 _ENGINE: dict[str, Any] = {}  # "key": engine identity without LoRA, "lora": LoRA enabled, "llm": the engine
@@ -111,6 +111,8 @@ def to_completions(output: Any, stop: list[str]) -> list[Completion]:
 
 
 class VLLMTeacher:
+    enforces_choices = True  # structured outputs: the answer is one of the choices, nothing else
+
     def __init__(self, cfg: TeacherConfig, llm: Any = None):
         try:
             import vllm
@@ -132,25 +134,34 @@ class VLLMTeacher:
 
     def _params(self, req: Request) -> Any:
         kw = sampling_kwargs(req.sampling)
-        if req.json_schema is not None:
+        if req.json_schema is not None or req.choices:
             from vllm.sampling_params import StructuredOutputsParams
 
-            kw["structured_outputs"] = StructuredOutputsParams(json=req.json_schema)
+            kw["structured_outputs"] = (StructuredOutputsParams(choice=list(req.choices)) if req.choices
+                                        else StructuredOutputsParams(json=req.json_schema))
         return self._vllm.SamplingParams(**kw)
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
         if not requests:
             return []
         params = [self._params(r) for r in requests]
-        if self.chat:
-            outs = self.llm.chat([r.messages() for r in requests], params,
-                                 use_tqdm=False, lora_request=self.lora)
-        else:
+        if not self.chat:
             outs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False, lora_request=self.lora)
+        else:  # requests whose reply is prefilled are continued, the others get a generation prompt
+            outs = [None] * len(requests)
+            for cont in (False, True):
+                idx = [i for i, r in enumerate(requests) if bool(r.prefill) == cont]
+                if idx:
+                    got = self.llm.chat([requests[i].messages() for i in idx], [params[i] for i in idx],
+                                        use_tqdm=False, lora_request=self.lora, add_generation_prompt=not cont,
+                                        continue_final_message=cont)
+                    for i, o in zip(idx, got, strict=True):
+                        outs[i] = o
         for o in outs:
             self.counts["tokens_in"] += len(o.prompt_token_ids or [])
             self.counts["tokens_out"] += sum(len(c.token_ids) for c in o.outputs)
-        return [to_completions(o, list(r.sampling.stop)) for o, r in zip(outs, requests, strict=True)]
+        return [[Completion(with_prefill(r, c.text, self.chat), c.finish_reason)
+                 for c in to_completions(o, list(r.sampling.stop))] for o, r in zip(outs, requests, strict=True)]
 
     @property
     def stats(self) -> dict:
