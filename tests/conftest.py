@@ -68,7 +68,7 @@ def teacher_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def alpaca_teacher_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama fine-tuned on well-formed continuations of the Alpaca prompt only."""
-    return trained(tmp_path_factory, tokenizer, "alpaca_teacher", tiny.alpaca_examples(), steps=150, seed=2)
+    return trained(tmp_path_factory, tokenizer, "alpaca_teacher", tiny.alpaca_examples(), steps=300, seed=2)
 
 
 @pytest.fixture(scope="session")
