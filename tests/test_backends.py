@@ -304,8 +304,9 @@ def test_failing_endpoint_leaves_rotation_and_comes_back(teacher_dir, tmp_path):
     req = [Request(f"Task {i}:", Sampling(temperature=0, max_tokens=4)) for i in range(6)]
     with transformers_serve(teacher_dir, tmp_path / "s.log") as url, FaultyProxy(url, **QUIET) as flaky:
         flaky.down = True
+        # one request at a time, so exactly the first two failures (round-robin: every other pick) take it out
         t = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[flaky.url, url], dead_after=2,
-                                        dead_cooldown=1.0, max_retries=6, cache=None))
+                                        dead_cooldown=1.0, max_retries=6, max_concurrency=1, cache=None))
         try:
             assert len(t.generate(req)) == 6  # the healthy server carried them
             assert t.stats["endpoint_taken_out"] == 1 and flaky.faults["down"] == 2  # out after 2 failures

@@ -24,13 +24,17 @@ from __future__ import annotations
 import gc
 import json
 import os
+import time
 from collections import Counter
 from typing import Any
+
+from rich.console import Console
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import UserError
 from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, use_chat, with_prefill
 
+console = Console(stderr=True)
 CPU_KV_CACHE_GIB = 4  # the CPU build's KV cache unless $VLLM_CPU_KVCACHE_SPACE says otherwise
 _ENGINE: dict[str, Any] = {}  # "key": engine identity without LoRA, "lora": LoRA enabled, "llm": the engine
 
@@ -80,10 +84,15 @@ def engine(cfg: TeacherConfig) -> Any:
 
     check_model(cfg.model, cfg.trust_remote_code, "teacher")  # a clear message (hub, path) before vLLM's
     shutdown_engines()
+    where = "GPU" if torch.cuda.is_available() else "CPU build"
+    console.print(f"starting vLLM ({where}) for {cfg.model}{' with LoRA' if lora else ''}: this takes a while",
+                  markup=False, highlight=False)
+    started = time.monotonic()
     try:
         llm = vllm.LLM(**kw)
     except (OSError, ValueError) as e:
         raise UserError(f"vLLM cannot load '{cfg.model}': {str(e).splitlines()[0]}") from None
+    console.print(f"vLLM ready in {time.monotonic() - started:.0f} s", highlight=False)
     _ENGINE.update(key=key, lora=lora, llm=llm)
     return llm
 
