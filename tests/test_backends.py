@@ -304,17 +304,19 @@ def test_failing_endpoint_leaves_rotation_and_comes_back(teacher_dir, tmp_path):
     req = [Request(f"Task {i}:", Sampling(temperature=0, max_tokens=4)) for i in range(6)]
     with transformers_serve(teacher_dir, tmp_path / "s.log") as url, FaultyProxy(url, **QUIET) as flaky:
         flaky.down = True
-        # one request at a time, so exactly the first two failures (round-robin: every other pick) take it out
         t = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[flaky.url, url], dead_after=2,
                                         dead_cooldown=1.0, max_retries=6, max_concurrency=1, cache=None))
         try:
             assert len(t.generate(req)) == 6  # the healthy server carried them
-            assert t.stats["endpoint_taken_out"] == 1 and flaky.faults["down"] == 2  # out after 2 failures
-            assert flaky.faults["forwarded"] == 0
+            # Each removal takes 2 failures in a row; on a slow machine the 1 s cool-down can end during the
+            # batch and the endpoint fail again, so count removals per failure rather than expect one.
+            down = flaky.faults["down"]
+            assert down >= 2 and t.stats["endpoint_taken_out"] == down // 2 and t.stats["retried_503"] == down
+            assert flaky.faults["forwarded"] == 0 and t.stats.get("failed", 0) == 0
             flaky.down = False
             time.sleep(1.5)  # past the cool-down: the endpoint is tried again
             assert len(t.generate(req)) == 6
-            assert flaky.faults["forwarded"] >= 1 and flaky.faults["down"] == 2  # back in rotation, healthy
+            assert flaky.faults["forwarded"] >= 1 and flaky.faults["down"] == down  # back in rotation, healthy
         finally:
             t.close()
 
