@@ -355,6 +355,14 @@ def test_retry_after_is_honoured_in_the_retry_loop(teacher_dir, tmp_path):
     assert retried - rejected >= 1.9
 
 
+def answers_at(port: int) -> bool:
+    """Whether anything still listens on 127.0.0.1:port."""
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def test_launch_server_that_exits_early_or_never_gets_healthy(fast_config, tmp_path):
     early = tmp_path / "early.yaml"
     early.write_text(fast_config.read_text() + "teacher:\n  launch_command: " + json.dumps(
@@ -363,14 +371,15 @@ def test_launch_server_that_exits_early_or_never_gets_healthy(fast_config, tmp_p
             "--config", early)
     assert r.returncode == 1 and "exited with code 3" in r.stderr and "unknown flag --port" in r.stderr
     never = tmp_path / "never.yaml"  # a web server with no /health: it answers 404 for ever
-    never.write_text(fast_config.read_text() + "teacher:\n  launch_timeout: 3\n  launch_command: " + json.dumps(
+    never.write_text(fast_config.read_text() + "teacher:\n  launch_timeout: 8\n  launch_command: " + json.dumps(
         [sys.executable, "-u", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]) + "\n")
     r = cli("generate", "--seeds", ROOT / "seeds", "--teacher", "m", "--launch", "--out", tmp_path / "r2",
             "--config", never)
-    assert r.returncode == 1 and "did not answer /health within 3 s" in r.stderr
+    assert r.returncode == 1 and "did not answer /health within 8 s" in r.stderr
     log = (tmp_path / "r2" / "teacher-server.log").read_text()
-    port = log.split("port ")[1].split()[0] if "port " in log else None
-    assert port and not answers(f"http://127.0.0.1:{port}/v1")  # it was stopped
+    assert "Serving HTTP on 127.0.0.1 port " in log  # it was up, answering 404 to /health
+    port = log.split("port ")[1].split()[0]
+    assert not answers(f"http://127.0.0.1:{port}/v1") and not answers_at(int(port))  # and it was stopped
 
 
 def test_prefill_and_choice_fall_back_on_a_server_without_them(teacher_dir, tmp_path):
