@@ -81,6 +81,11 @@ def _finds(text: str, s: str) -> list[int]:
     return [i] if text[:i].strip() else [i, *([j] if (j := text.find(s, i + len(s))) >= 0 else [])]
 
 
+def choice_budget(choices: tuple[str, ...]) -> int:
+    """Tokens enough for any of `choices` however it is tokenised (at least a character per token)."""
+    return max(len(c) for c in choices) + 2
+
+
 def with_prefill(req: Request, text: str, chat: bool) -> str:
     """A reply as the parsers see it: a chat teacher continued the prefill, so it comes first."""
     return (req.prefill or "") + text if chat else text

@@ -38,7 +38,7 @@ import aiohttp
 
 from selfinstruct.config import TeacherConfig
 from selfinstruct.errors import TeacherError, UserError
-from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, with_prefill
+from selfinstruct.teacher.base import Completion, Request, choice_budget, cut_at_stop, teacher_name, with_prefill
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 # Request fields some servers lack (vLLM has all three; transformers serve none): a 4xx naming one turns it
@@ -208,6 +208,7 @@ class OpenAITeacher:
             body["frequency_penalty"] = s.frequency_penalty
         if req.choices and not ep.rejects_structured_outputs:  # vLLM's field; other servers may ignore it
             body["structured_outputs"] = {"choice": list(req.choices)}
+            body["max_tokens"] = max(s.max_tokens, choice_budget(req.choices))
         if req.json_schema is not None and not ep.rejects_response_format:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"name": "output", "schema": req.json_schema}}

@@ -32,7 +32,15 @@ from rich.console import Console
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import UserError
-from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, use_chat, with_prefill
+from selfinstruct.teacher.base import (
+    Completion,
+    Request,
+    choice_budget,
+    cut_at_stop,
+    teacher_name,
+    use_chat,
+    with_prefill,
+)
 
 console = Console(stderr=True)
 CPU_KV_CACHE_GIB = 4  # the CPU build's KV cache unless $VLLM_CPU_KVCACHE_SPACE says otherwise
@@ -143,6 +151,8 @@ class VLLMTeacher:
 
     def _params(self, req: Request) -> Any:
         kw = sampling_kwargs(req.sampling)
+        if req.choices:  # guided decoding may spell a choice in short tokens: leave room for the longest
+            kw["max_tokens"] = max(kw["max_tokens"], choice_budget(req.choices))
         if req.json_schema is not None or req.choices:
             from vllm.sampling_params import StructuredOutputsParams
 
