@@ -43,6 +43,7 @@ from selfinstruct.prompts import render, template_id
 from selfinstruct.records import Record, read_jsonl, user_turn
 from selfinstruct.seeds import Instance, SeedTask, load_tasks
 from selfinstruct.teacher import Request
+from selfinstruct.teacher.base import choice_mode
 
 T_OPS = {op: f"evol/{op}.jinja" for op in EVOL_OPERATIONS}
 T_EQUAL = "evol/equal.jinja"
@@ -198,7 +199,7 @@ def step(run: Run) -> None:
     run.counts["requests/response"] += len(cands)
 
     records: list[Record] = []
-    mode = "choice" if getattr(run.teacher, "enforces_choices", False) else "parsed"  # how Equal was decided
+    mode = choice_mode(run.teacher)
     answered: list[str] = []  # per survivor of the cheap checks: "" when it became a record, else why not
     sampling = {"evolve": public(ecfg.evolve_sampling), "response": public(ecfg.response_sampling)}
     templates = {op: f"{template_id(T_OPS[op])}+{template_id(T_RESPONSE)}" for op in set(ops)}

@@ -24,6 +24,7 @@ from selfinstruct.generate.parse import parse_instances, parse_instructions, par
 from selfinstruct.prompts import render, template_id
 from selfinstruct.records import Record
 from selfinstruct.teacher import Request
+from selfinstruct.teacher.base import choice_mode
 
 T_INSTRUCTIONS = "self_instruct/instructions.jinja"
 T_CLASSIFY = "self_instruct/is_classification.jinja"
@@ -118,13 +119,11 @@ def step(run: Run) -> None:
         [Request(render(T_CLASSIFY, instruction=i), seeded(cfg.classify_sampling, rng), choices=YES_NO)
          for i, _, _ in fresh])
     run.counts["requests/classify"] += len(fresh)
-    is_clf = []
-    for a in answers:
-        verdict = parse_yes_no(a[0].text)
-        run.counts["classify_unclear" if verdict is None else ("classification" if verdict else "generation")] += 1
-        is_clf.append(bool(verdict))
-    run.alert("classify", ["classify_unclear" if parse_yes_no(a[0].text) is None else "" for a in answers],
-              [a[0].text for a in answers])
+    verdicts = [parse_yes_no(a[0].text) for a in answers]
+    for v in verdicts:
+        run.counts["classify_unclear" if v is None else ("classification" if v else "generation")] += 1
+    is_clf = [bool(v) for v in verdicts]
+    run.alert("classify", ["classify_unclear" if v is None else "" for v in verdicts], [a[0].text for a in answers])
 
     # 4. Instances.
     stop = list(cfg.instance_sampling.stop) + [f"Example {cfg.max_instances + 1}"]
@@ -135,7 +134,7 @@ def step(run: Run) -> None:
     run.counts["requests/instances"] += len(inst_requests)
 
     records: list[Record] = []
-    mode = "choice" if getattr(run.teacher, "enforces_choices", False) else "parsed"  # how Yes / No was decided
+    mode = choice_mode(run.teacher)
     t_instr = template_id(T_INSTRUCTIONS)
     templates = {clf: f"{t_instr}+{template_id(T_OUTPUT_FIRST if clf else T_INPUT_FIRST)}" for clf in (False, True)}
     sampling = {"instruction": public(cfg.instruction_sampling), "instance": public(cfg.instance_sampling)}

@@ -69,16 +69,20 @@ def use_chat(cfg: TeacherConfig, has_template: bool) -> bool:
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Cut `text` before the earliest stop string (servers differ in whether they do it themselves). A stop
     string at the very start (after whitespace) is an echoed header, not the end: it never erases a reply."""
-    hits = [i for s in stop if s for i in _finds(text, s) if text[:i].strip()]
+    lead = len(text) - len(text.lstrip())
+    hits = []
+    for s in filter(None, stop):
+        i = text.find(s)
+        if i == lead:  # the echo: look for the next one
+            i = text.find(s, i + len(s))
+        if i >= 0:
+            hits.append(i)
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-def _finds(text: str, s: str) -> list[int]:
-    """The first occurrence of `s` in `text`, and the second when the first is at the start."""
-    i = text.find(s)
-    if i < 0:
-        return []
-    return [i] if text[:i].strip() else [i, *([j] if (j := text.find(s, i + len(s))) >= 0 else [])]
+def choice_mode(teacher: object) -> str:
+    """How a record's Yes / No or Equal answer was decided: a choice the backend enforced, or parsed text."""
+    return "choice" if getattr(teacher, "enforces_choices", False) else "parsed"
 
 
 def choice_budget(choices: tuple[str, ...]) -> int:
