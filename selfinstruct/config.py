@@ -224,6 +224,10 @@ class GenerateConfig:
     num_machine_demos: int = opt(2, "Of those, how many come from already generated instructions.")
     request_batch_size: int = opt(8, "Instruction-generation prompts per step.")
     max_instances: int = opt(5, "Most instances generated per instruction.")
+    list_format: str = opt("text", "How the list stages (Self-Instruct's instruction lists, Alpaca's task lists) "
+                           "ask for items: `text`, the papers' numbered lists; `json`, a JSON object of a fixed "
+                           "schema, enforced where the backend can (vLLM in process, `vllm serve`), asked for "
+                           "in the prompt elsewhere. Records name it (scores.list_format).", ("text", "json"))
     max_stalled_requests: int = opt(64, "Give up after this many teacher requests in a row that yield no "
                                     "accepted instruction (a broken teacher ends, it does not loop).")
     test_size: float = opt(0.1, "Fraction of records in the dataset's test split.")

@@ -114,3 +114,37 @@ def test_echoed_rewrite_header_is_stripped():
     # inside the text it stays, for elimination rule 4 to see
     assert strip_echo("Name a bird. #Rewritten Prompt#: x") == "Name a bird. #Rewritten Prompt#: x"
     assert strip_echo("Given prompt words stay.") == "Given prompt words stay."
+
+
+def test_alpaca_chat_teacher_layouts():
+    """What a small chat model (SmolLM2-135M-Instruct) writes: no "###", unnumbered fields, no Input field,
+    several Input/Output pairs run together, empty instructions."""
+    text = ("4. Instruction: Name a color.\nOutput: Red\n"
+            "5. Instruction: Add the numbers.\n5. Input:\n2, 3\n5. Output:\n5\n6. Input: 1, 1\n6. Output: 2\n"
+            "7. Instruction:\n8. Instruction: Reverse the word.\nInput: cat\n###\n"
+            "stray prose\n9. Input: x\n9. Output: y\n###\n10. Instruction: Count to three.\n10. Output: 1, 2, 3")
+    tasks, dropped = parse_alpaca(text, first=4, truncated=False)
+    assert tasks == [("Name a color.", Instance("", "Red")), ("Add the numbers.", Instance("2, 3", "5")),
+                     ("Count to three.", Instance("", "1, 2, 3"))]
+    assert sorted(dropped) == sorted([("7. Instruction:", "malformed_task"),
+                                      ("8. Instruction: Reverse the word.\nInput: cat", "malformed_task"),
+                                      ("stray prose\n9. Input: x\n9. Output: y", "malformed_task")])
+
+
+def test_json_list_replies():
+    from selfinstruct.generate.parse import parse_alpaca_json, parse_instructions_json
+
+    items, dropped = parse_instructions_json('{"instructions": ["  name a  river.", "", 3, "1. Sort words"]}', False)
+    assert items == ["Name a river.", "Sort words"]
+    assert dropped == [('""', "empty_item"), ("3", "empty_item")]
+    fenced, _ = parse_instructions_json('```json\n["Add two numbers."]\n```', False)
+    assert fenced == ["Add two numbers."]
+    assert parse_instructions_json('{"instructions": ["cut', True) == ([], [('{"instructions": ["cut', "truncated")])
+    assert parse_instructions_json("Sure! 1. Name", False) == ([], [("Sure! 1. Name", "invalid_json")])
+    assert parse_instructions_json('{"tasks": "no list"}', False)[1][0][1] == "invalid_json"
+
+    tasks, dropped = parse_alpaca_json('{"tasks": [{"instruction": "Add.", "input": "2, 3", "output": "5"}, '
+                                       '{"instruction": "Hi", "input": "<noinput>", "output": ""}, '
+                                       '{"instruction": "", "input": "", "output": "x"}, "junk"]}', False)
+    assert tasks == [("Add.", Instance("2, 3", "5")), ("Hi", Instance("", ""))]  # empty output: the filters' call
+    assert [r for _, r in dropped] == ["malformed_task", "malformed_task"]

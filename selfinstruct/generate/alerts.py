@@ -25,6 +25,8 @@ FIXES = {
     "preamble": "the teacher answers with prose instead of continuing the numbered list: try --prompt-format chat "
                 "or a stronger teacher",
     "malformed_task": "the replies do not follow the 'N. Instruction: / N. Input: / N. Output:' format",
+    "invalid_json": "generate.list_format json: the replies are not JSON of the list's schema; a backend that "
+                    "enforces the schema (vllm, or vllm serve) guarantees it",
     "truncated": "replies hit max_tokens before the item ended: raise the stage's max_tokens",
     "truncated_evolution": "rewrites hit max_tokens: raise generate.evol.evolve_sampling.max_tokens",
     "truncated_response": "responses hit max_tokens: raise generate.evol.response_sampling.max_tokens",

@@ -16,7 +16,7 @@ import random
 from selfinstruct.filters import check_instance
 from selfinstruct.generate.alerts import dominant
 from selfinstruct.generate.loop import Run
-from selfinstruct.generate.parse import parse_alpaca
+from selfinstruct.generate.parse import parse_alpaca, parse_alpaca_json, tasks_schema
 from selfinstruct.generate.self_instruct import demo_text, public, seeded
 from selfinstruct.prompts import render, template_id
 from selfinstruct.records import Record
@@ -24,8 +24,8 @@ from selfinstruct.teacher import Request
 
 T_ALPACA = "alpaca/prompt.jinja"
 T_REPLY = "alpaca/prompt_reply.jinja"  # how a chat teacher's reply begins (prefilled): the next task's number
-TEMPLATES = {T_ALPACA: {"num_tasks": 20, "demos": [{"instruction": "Say hello.", "input": "<noinput>",
-                                                    "output": "Hello."}] * 3}, T_REPLY: {"n": 4}}
+TEMPLATES = {T_ALPACA: {"num_tasks": 20, "json": False, "demos": [{"instruction": "Say hello.", "input": "<noinput>",
+                                                                   "output": "Hello."}] * 3}, T_REPLY: {"n": 4}}
 
 
 def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[str]]]:
@@ -34,13 +34,19 @@ def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[str]
     rng = random.Random(f"{cfg.seed}-{step_no}")
     n_demos = min(acfg.num_prompt_instructions, len(run.seeds))
     stop = list(acfg.sampling.stop) + [f"\n{acfg.num_tasks}", f"{acfg.num_tasks}."]
+    json_mode = cfg.list_format == "json"
     requests, parents = [], []
     for _ in range(cfg.request_batch_size):
         tasks = rng.sample(run.seeds, n_demos)
         demos = [{"instruction": demo_text(t.instruction), "input": t.instances[0].input or "<noinput>",
                   "output": t.instances[0].output} for t in tasks]
-        requests.append(Request(render(T_ALPACA, num_tasks=acfg.num_tasks, demos=demos),
-                                seeded(acfg.sampling, rng, stop=stop), prefill=render(T_REPLY, n=n_demos + 1)))
+        prompt = render(T_ALPACA, num_tasks=acfg.num_tasks, demos=demos, json=json_mode)
+        if json_mode:  # no prefill and no stop strings: the schema shapes the whole reply
+            requests.append(Request(prompt, seeded(acfg.sampling, rng, stop=[]),
+                                    json_schema=tasks_schema(max(1, acfg.num_tasks - n_demos - 1))))
+        else:
+            requests.append(Request(prompt, seeded(acfg.sampling, rng, stop=stop),
+                                    prefill=render(T_REPLY, n=n_demos + 1)))
         parents.append([t.id for t in tasks])
     return requests, parents
 
@@ -60,10 +66,13 @@ def step(run: Run) -> None:
     records: list[Record] = []
     rejected: list[dict] = []
     template, sampling = template_id(T_ALPACA), {"task": public(acfg.sampling)}
+    json_mode = run.cfg.generate.list_format == "json"
     outcomes, replies = [], []  # per reply: "" when it gave a record, else why not
     for completions, par in zip(outs, parents, strict=True):
         for c in completions:
-            tasks, dropped = parse_alpaca(c.text, n_demos + 1, c.finish_reason == "length")
+            truncated = c.finish_reason == "length"
+            tasks, dropped = (parse_alpaca_json(c.text, truncated) if json_mode else
+                              parse_alpaca(c.text, n_demos + 1, truncated))
             rejected += [{"stage": "task", "reason": r, "raw": t[:2000]} for t, r in dropped]
             reasons, kept_before = [r for _, r in dropped], len(records)
             for instruction, inst in tasks:
@@ -80,7 +89,8 @@ def step(run: Run) -> None:
                 records.append(Record(
                     id=run.next_id(), instruction=instruction, input=inst.input, output=inst.output,
                     method="alpaca", round=run.round, parents=par, teacher=run.teacher.name,
-                    template=template, sampling=sampling, scores={"rouge_max": extra["rouge_max"]}))
+                    template=template, sampling=sampling,
+                    scores={"rouge_max": extra["rouge_max"], "list_format": run.cfg.generate.list_format}))
             failed = dominant(reasons) if c.text.strip() else "empty_reply"
             outcomes.append("" if len(records) > kept_before else failed)
             replies.append(c.text)

@@ -6,6 +6,7 @@ caller can count every loss.
 
 from __future__ import annotations
 
+import json
 import re
 
 from selfinstruct.seeds import Instance
@@ -119,7 +120,7 @@ def _output_first(text: str) -> list[Instance]:
     return out
 
 
-_ALPACA_FIELD = re.compile(r"(?:^|\n)[ \t]*\d+[ \t]*\.[ \t]*(Instruction|Input|Output)[ \t]*:", re.IGNORECASE)
+_ALPACA_FIELD = re.compile(r"(?:^|\n)[ \t]*(?:\d+[ \t]*[.)][ \t]*)?(Instruction|Input|Output)[ \t]*:", re.IGNORECASE)
 
 
 def parse_alpaca(text: str, first: int, truncated: bool) -> tuple[list[tuple[str, Instance]], list[tuple[str, str]]]:
@@ -127,25 +128,107 @@ def parse_alpaca(text: str, first: int, truncated: bool) -> tuple[list[tuple[str
 
     The text continues item `first` (the prompt ended with "first. Instruction:") unless the teacher
     restarted the numbering. Returns ((instruction, instance) pairs, dropped (text, reason) pairs).
-    Unlike the original, item numbers need not be consecutive: a skipped number loses no task."""
-    restarted = re.match(r"\s*\d+\s*\.\s*Instruction\s*:", text, re.IGNORECASE)
-    chunks = (text if restarted else f"{first}. Instruction:{text}").split("###")
+    More lenient than the original, which needs "###" between tasks, consecutive numbers and all three
+    fields: a task starts at every Instruction field (chat teachers often drop the separators), numbers
+    may skip or be missing, and a task with no Input field has no input ("<noinput>"). Kept strict: an
+    Instruction then an Output, in that order, or the task is `malformed_task`; after a task's Output,
+    further Input/Output pairs run together are not a task of their own (the first pair counts)."""
+    restarted = re.match(r"\s*(?:\d+\s*[.)]\s*)?Instruction\s*:", text, re.IGNORECASE)
+    body = text if restarted else f"{first}. Instruction:{text}"
+    tasks_raw: list[tuple[str, list[tuple[str, str]]]] = []  # (raw text, [(field, value), ...]) per task
     dropped: list[tuple[str, str]] = []
-    if truncated and chunks:  # hit max_tokens: the last task may be cut mid-sentence
-        last = chunks.pop()
-        if last.strip():
-            dropped.append((last.strip(), "truncated"))
-    tasks = []
-    for chunk in chunks:
-        if not chunk.strip():
-            continue
+    for chunk in body.split("###"):
         parts = _ALPACA_FIELD.split(chunk)
-        fields = [p.lower() for p in parts[1::2]]
-        if fields != ["instruction", "input", "output"]:
-            dropped.append((chunk.strip(), "malformed_task"))
+        starts = [m.start() for m in _ALPACA_FIELD.finditer(chunk) if m.group(1).lower() == "instruction"]
+        if chunk[: starts[0] if starts else len(chunk)].strip():  # text before any Instruction: not a task
+            dropped.append((chunk[: starts[0] if starts else len(chunk)].strip(), "malformed_task"))
+        fields = list(zip((f.lower() for f in parts[1::2]), parts[2::2], strict=True))
+        k = 0
+        for j, (name, _) in enumerate(fields):
+            if name == "instruction":
+                raw = chunk[starts[k]: starts[k + 1] if k + 1 < len(starts) else len(chunk)].strip()
+                tasks_raw.append((raw, [fields[j]]))
+                k += 1
+            elif k:  # an Input/Output before the chunk's first Instruction is in the text dropped above
+                tasks_raw[-1][1].append(fields[j])
+    if truncated and tasks_raw:  # hit max_tokens: the last task may be cut mid-sentence
+        dropped.append((tasks_raw.pop()[0], "truncated"))
+    tasks = []
+    for raw, fields in tasks_raw:
+        names = [n for n, _ in fields]
+        instruction = normalise_instruction(fields[0][1])
+        if names[1:3] == ["input", "output"]:
+            inp, out = fields[1][1].strip(), fields[2][1].strip()
+        elif names[1:2] == ["output"]:
+            inp, out = "", fields[1][1].strip()
+        else:
+            dropped.append((raw, "malformed_task"))
             continue
-        instruction, inp, out = (p.strip() for p in parts[2::2])
+        if not instruction:
+            dropped.append((raw, "malformed_task"))
+            continue
+        tasks.append((instruction, Instance("" if inp.lower() in NO_INPUT else inp, out)))
+    return tasks, dropped
+
+
+# The JSON-mode replies of the list stages (generate.list_format json).
+INSTRUCTIONS_SCHEMA_KEY, TASKS_SCHEMA_KEY = "instructions", "tasks"
+
+
+def instructions_schema(max_items: int) -> dict:
+    """JSON schema of a Self-Instruct instruction list: {"instructions": [str, ...]}."""
+    return {"type": "object", "required": [INSTRUCTIONS_SCHEMA_KEY], "additionalProperties": False,
+            "properties": {INSTRUCTIONS_SCHEMA_KEY: {"type": "array", "minItems": 1, "maxItems": max_items,
+                                                     "items": {"type": "string", "minLength": 1}}}}
+
+
+def tasks_schema(max_items: int) -> dict:
+    """JSON schema of an Alpaca task list: {"tasks": [{"instruction", "input", "output"}, ...]}."""
+    task = {"type": "object", "required": ["instruction", "input", "output"], "additionalProperties": False,
+            "properties": {k: {"type": "string"} for k in ("instruction", "input", "output")}}
+    return {"type": "object", "required": [TASKS_SCHEMA_KEY], "additionalProperties": False,
+            "properties": {TASKS_SCHEMA_KEY: {"type": "array", "minItems": 1, "maxItems": max_items, "items": task}}}
+
+
+def _json_items(text: str, key: str, truncated: bool) -> tuple[list, list[tuple[str, str]]]:
+    """The list under `key` of a JSON reply (a bare list is accepted; a ```json fence around it, from a
+    teacher that was asked but not forced, is removed). Unreadable: `truncated` when the reply hit
+    max_tokens, else `invalid_json`."""
+    body = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", text)
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return [], [(text.strip(), "truncated" if truncated else "invalid_json")]
+    items = data.get(key) if isinstance(data, dict) else data
+    return (items, []) if isinstance(items, list) else ([], [(text.strip(), "invalid_json")])
+
+
+def parse_instructions_json(text: str, truncated: bool) -> tuple[list[str], list[tuple[str, str]]]:
+    """parse_instructions for a JSON-mode reply: the strings of its "instructions" list, normalised."""
+    items, dropped = _json_items(text, INSTRUCTIONS_SCHEMA_KEY, truncated)
+    out = []
+    for item in items:
+        text_item = normalise_instruction(item) if isinstance(item, str) else ""
+        if text_item:
+            out.append(text_item)
+        else:
+            dropped.append((json.dumps(item, ensure_ascii=False), "empty_item"))
+    return out, dropped
+
+
+def parse_alpaca_json(text: str, truncated: bool) -> tuple[list[tuple[str, Instance]], list[tuple[str, str]]]:
+    """parse_alpaca for a JSON-mode reply: its "tasks", each with a non-empty instruction (an empty output is
+    left to the instance checks, as in text mode)."""
+    items, dropped = _json_items(text, TASKS_SCHEMA_KEY, truncated)
+    tasks = []
+    for item in items:
+        fields = item if isinstance(item, dict) else {}
+        instruction, inp, out = (fields.get(k) if isinstance(fields.get(k), str) else ""
+                                 for k in ("instruction", "input", "output"))
         instruction = normalise_instruction(instruction)
-        inp = "" if inp.lower() in NO_INPUT else inp
-        tasks.append((instruction, Instance(inp, out)))
+        if not instruction:
+            dropped.append((json.dumps(item, ensure_ascii=False), "malformed_task"))
+            continue
+        inp = inp.strip()
+        tasks.append((instruction, Instance("" if inp.lower() in NO_INPUT else inp, out.strip())))
     return tasks, dropped

@@ -20,7 +20,13 @@ from selfinstruct.config import Sampling
 from selfinstruct.filters import clean_instances
 from selfinstruct.generate.alerts import dominant
 from selfinstruct.generate.loop import Run
-from selfinstruct.generate.parse import parse_instances, parse_instructions, parse_yes_no
+from selfinstruct.generate.parse import (
+    instructions_schema,
+    parse_instances,
+    parse_instructions,
+    parse_instructions_json,
+    parse_yes_no,
+)
 from selfinstruct.prompts import render, template_id
 from selfinstruct.records import Record
 from selfinstruct.teacher import Request
@@ -35,8 +41,10 @@ REPLY = {T_INSTRUCTIONS: "self_instruct/instructions_reply.jinja",
          T_INPUT_FIRST: "self_instruct/instances_input_first_reply.jinja",
          T_OUTPUT_FIRST: "self_instruct/instances_output_first_reply.jinja"}
 YES_NO = ("Yes", "No")
+LIST_END = 16  # the original's lists stop before item 16 (instruction_sampling's stop strings)
 _TASK = {"instruction": "Sort the words alphabetically."}
-TEMPLATES = {T_INSTRUCTIONS: {"instructions": ["Say hello.", "Add two numbers."]}, T_CLASSIFY: _TASK,
+TEMPLATES = {T_INSTRUCTIONS: {"instructions": ["Say hello.", "Add two numbers."], "json": False, "max_items": 7},
+             T_CLASSIFY: _TASK,
              T_INPUT_FIRST: _TASK, T_OUTPUT_FIRST: _TASK, REPLY[T_INSTRUCTIONS]: {"n": 3},
              REPLY[T_INPUT_FIRST]: {}, REPLY[T_OUTPUT_FIRST]: {}}
 
@@ -66,12 +74,19 @@ def instruction_requests(run: Run, step_no: int) -> tuple[random.Random, list[Re
     rng = random.Random(f"{cfg.seed}-{step_no}")
     human = [(s.instruction, s.id) for s in run.seeds]
     machine = run.machine[: run.demo_pool_size]
+    json_mode = cfg.list_format == "json"
     requests, parents = [], []
     for _ in range(cfg.request_batch_size):
         demos = sample_demos(rng, human, machine, cfg.num_prompt_instructions, cfg.num_machine_demos)
-        prompt = render(T_INSTRUCTIONS, instructions=[demo_text(t) for t, _ in demos])
-        requests.append(Request(prompt, seeded(cfg.instruction_sampling, rng),
-                                prefill=render(REPLY[T_INSTRUCTIONS], n=len(demos) + 1)))
+        max_items = max(1, LIST_END - 1 - len(demos))
+        prompt = render(T_INSTRUCTIONS, instructions=[demo_text(t) for t, _ in demos], json=json_mode,
+                        max_items=max_items)
+        if json_mode:  # no prefill and no stop strings: the schema shapes the whole reply
+            requests.append(Request(prompt, seeded(cfg.instruction_sampling, rng, stop=[]),
+                                    json_schema=instructions_schema(max_items)))
+        else:
+            requests.append(Request(prompt, seeded(cfg.instruction_sampling, rng),
+                                    prefill=render(REPLY[T_INSTRUCTIONS], n=len(demos) + 1)))
         parents.append([i for _, i in demos])
     return rng, requests, parents
 
@@ -87,11 +102,12 @@ def step(run: Run) -> None:
     run.counts["requests/instructions"] += len(requests)
 
     # 2. Parse, filter, and drop near-duplicates of the pool (which grows as we accept).
+    parse = parse_instructions_json if cfg.list_format == "json" else parse_instructions
     fresh: list[tuple[str, list[str], float]] = []
     outcomes, replies = [], []  # per reply: "" when it gave a new instruction, else why not
     for completions, par in zip(outs, parents, strict=True):
         for c in completions:
-            items, dropped = parse_instructions(c.text, c.finish_reason == "length")
+            items, dropped = parse(c.text, c.finish_reason == "length")
             rejected += [{"stage": "instruction", "reason": r, "instruction": t} for t, r in dropped]
             reasons = [r for _, r in dropped]
             kept_before = len(fresh)
@@ -163,7 +179,8 @@ def step(run: Run) -> None:
                 id=run.next_id(), instruction=instr, input=inst.input, output=inst.output,
                 method="self-instruct", round=run.round, parents=par, teacher=run.teacher.name,
                 template=templates[clf], sampling=sampling,
-                scores={"rouge_max": round(score, 4), "is_classification": clf, "classification_mode": mode}))
+                scores={"rouge_max": round(score, 4), "is_classification": clf, "classification_mode": mode,
+                        "list_format": cfg.list_format}))
         run.machine.append((instr, records[first].id))
 
     run.alert("instances", outcomes, [o[0].text for o in inst_outs])

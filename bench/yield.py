@@ -1,0 +1,172 @@
+"""Yield of each recipe on a real chat teacher: accepted records per 100 teacher requests.
+
+    python bench/yield.py MODEL [--recipes self-instruct,alpaca,evol] [--budget 40]
+                                [--backend vllm] [--before REV] [--list-format text]
+
+Each recipe runs on MODEL (a model directory or .gguf file; made for SmolLM2-135M-Instruct) until it has
+spent `--budget` teacher requests, all stages counted (instruction lists, Yes/No questions, instances,
+rewrites, Equal checks, responses), at CPU-sized lengths (`max_tokens` 256, Alpaca's lists 512) and 4
+prompts per step, no response cache, seed 0. Prints per recipe: requests spent, accepted records and
+accepted instructions per 100 requests, generated tokens per accepted record, the top rejection reasons,
+and the loud-stall alerts raised.
+
+`--before REV` also runs the same with the code of git revision REV (a temporary worktree put first on
+PYTHONPATH; default backend transformers there, as vLLM's CPU build could not run before it was fixed),
+so the table shows before and after side by side. Every run is a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGE_TOKENS = 256  # max_tokens of every stage (CPU-sized), Alpaca's 20-task lists excepted
+ALPACA_TOKENS = 512
+
+
+class BudgetSpent(Exception):
+    pass
+
+
+class Budget:
+    """The teacher, stopped once `budget` requests are spent (the step in progress is not finished)."""
+
+    def __init__(self, inner: object, budget: int):
+        self.inner, self.budget, self.spent = inner, budget, 0
+
+    def generate(self, requests: list) -> list:
+        if self.spent >= self.budget:
+            raise BudgetSpent
+        self.spent += len(requests)
+        return self.inner.generate(requests)
+
+    def __getattr__(self, name: str) -> object:  # name, close, stats, enforces_choices...
+        if name in ("concurrent", "submit"):  # no prefetch: every request counted when it is made
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def one(model: str, method: str, backend: str, budget: int, out: Path, list_format: str) -> dict:
+    """Run `method` until `budget` requests are spent; what it accepted and rejected, from the run directory."""
+    import selfinstruct
+    from selfinstruct.config import load_config
+    from selfinstruct.generate import loop
+
+    overrides = {"teacher.model": model, "teacher.backend": backend, "teacher.cache": None,
+                 "teacher.max_model_len": 2048, "generate.method": method, "generate.seed": 0,
+                 "generate.seeds": str(ROOT / "seeds"), "generate.out": str(out),
+                 "generate.num_instructions": 100_000, "generate.request_batch_size": 4,
+                 "generate.max_stalled_requests": 100_000,
+                 "generate.evol.batch_size": 8, "generate.evol.max_inputs": 64}
+    if list_format != "text":
+        overrides["generate.list_format"] = list_format
+    cfg = load_config(None, overrides)
+    g = cfg.generate
+    short = {"max_tokens": STAGE_TOKENS}
+    g.instruction_sampling = dataclasses.replace(g.instruction_sampling, **short)
+    g.instance_sampling = dataclasses.replace(g.instance_sampling, **short)
+    g.alpaca.sampling = dataclasses.replace(g.alpaca.sampling, max_tokens=ALPACA_TOKENS)
+    g.evol.evolve_sampling = dataclasses.replace(g.evol.evolve_sampling, **short)
+    g.evol.response_sampling = dataclasses.replace(g.evol.response_sampling, **short)
+
+    made = []
+    real = loop.make_teacher
+
+    def budgeted(tcfg: object) -> Budget:
+        made.append(Budget(real(tcfg), budget))
+        return made[-1]
+
+    loop.make_teacher = budgeted
+    try:
+        loop.run_generate(cfg)
+        stopped = "finished"
+    except BudgetSpent:
+        stopped = "budget"
+    except Exception as e:  # noqa: BLE001 - a stall or a crash is a result here, reported as such
+        stopped = f"{type(e).__name__}: {str(e)[:200]}"
+    teacher = made[0]
+    records = [json.loads(x) for x in (out / "generated.jsonl").read_text().splitlines()] if made else []
+    reasons = collections.Counter(json.loads(x)["reason"]
+                                  for x in (out / "rejected.jsonl").read_text().splitlines())
+    state = json.loads((out / "state.json").read_text())
+    stats = teacher.inner.stats if hasattr(teacher.inner, "stats") else {}
+    return {"code": str(Path(selfinstruct.__file__).parent.parent), "method": method, "backend": backend,
+            "stopped": stopped, "requests": teacher.spent, "records": len(records),
+            "instructions": len({r["instruction"] for r in records}),
+            "tokens_out": stats.get("tokens_out", 0), "reasons": dict(reasons.most_common(4)),
+            "alerts": sorted(state.get("alerts", {}))}
+
+
+def run_child(args: argparse.Namespace, method: str, backend: str, pythonpath: str | None, label: str) -> dict:
+    out = Path(tempfile.mkdtemp(prefix=f"yield-{label}-{method}-")) / "run"
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    cmd = [sys.executable, __file__, args.model, "--one", method, "--backend", backend, "--budget",
+           str(args.budget), "--out", str(out), "--list-format", args.list_format]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (out.parent / "output.log").write_text(r.stdout + r.stderr)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
+    if r.returncode != 0 or not lines:
+        return {"label": label, "method": method, "backend": backend, "stopped": f"crashed: see {out.parent}",
+                "requests": 0, "records": 0, "instructions": 0, "tokens_out": 0, "reasons": {}, "alerts": []}
+    return {"label": label, **json.loads(lines[-1])}
+
+
+def show(row: dict) -> None:
+    n = max(row["requests"], 1)
+    per_record = f"{row['tokens_out'] / row['records']:.0f}" if row["records"] else "-"
+    print(f"{row['label']:7} {row['method']:13} {row['backend']:12} requests {row['requests']:3}  "
+          f"records {row['records']:3} ({100 * row['records'] / n:5.1f}/100)  "
+          f"instructions {row['instructions']:3} ({100 * row['instructions'] / n:5.1f}/100)  "
+          f"tokens/record {per_record:>5}  stopped: {row['stopped']}")
+    print(f"        top rejections: {row['reasons']}  alerts: {row['alerts'] or 'none'}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", help="a model directory or .gguf file (SmolLM2-135M-Instruct)")
+    ap.add_argument("--recipes", default="self-instruct,alpaca,evol")
+    ap.add_argument("--budget", type=int, default=40, help="teacher requests per recipe")
+    ap.add_argument("--backend", default="vllm", choices=["vllm", "transformers"])
+    ap.add_argument("--before", metavar="REV", help="also run git revision REV (e.g. 982d830)")
+    ap.add_argument("--before-backend", default="transformers", choices=["vllm", "transformers"])
+    ap.add_argument("--list-format", default="text", choices=["text", "json"])
+    ap.add_argument("--only-before", action="store_true", help="with --before: run only the old code")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.model, args.one, args.backend, args.budget, Path(args.out), args.list_format)))
+        return
+    methods = args.recipes.split(",")
+    worktree = None
+    if args.before:
+        worktree = Path(tempfile.mkdtemp(prefix="yield-before-")) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(worktree), args.before],
+                       check=True, capture_output=True)
+    try:
+        for method in methods:
+            if worktree:
+                show(run_child(args, method, args.before_backend, str(worktree), "before"))
+                if args.only_before:
+                    continue
+                if args.before_backend != args.backend:
+                    show(run_child(args, method, args.before_backend, None, "after"))
+            show(run_child(args, method, args.backend, None, "after"))
+    finally:
+        if worktree:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)],
+                           capture_output=True)
+
+
+if __name__ == "__main__":
+    main()
