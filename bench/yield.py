@@ -1,18 +1,21 @@
 """Yield of each recipe on a real chat teacher: accepted records per 100 teacher requests.
 
-    python bench/yield.py MODEL [--recipes self-instruct,alpaca,evol] [--budget 40]
-                                [--backend vllm] [--before REV] [--list-format text]
+    python bench/yield.py MODEL [--recipes self-instruct,alpaca,evol] [--target 30] [--budget 150]
+                                [--backend vllm] [--before REV] [--before-budget 32] [--list-format text]
 
 Each recipe runs on MODEL (a model directory or .gguf file; made for SmolLM2-135M-Instruct) until it has
-spent `--budget` teacher requests, all stages counted (instruction lists, Yes/No questions, instances,
-rewrites, Equal checks, responses), at CPU-sized lengths (`max_tokens` 256, Alpaca's lists 512) and 4
-prompts per step, no response cache, seed 0. Prints per recipe: requests spent, accepted records and
-accepted instructions per 100 requests, generated tokens per accepted record, the top rejection reasons,
-and the loud-stall alerts raised.
+`--target` accepted instructions (`--num-instructions`; evol: `--target` seed instructions evolved one
+round) or has spent `--budget` teacher requests, all stages counted (instruction lists, Yes/No
+questions, instances, rewrites, Equal checks, responses), at CPU-sized lengths (`max_tokens` 256,
+Alpaca's lists 384) and 4 prompts per step, no response cache, seed 0, the recipes' own temperatures.
+A stall (generate.max_stalled_requests, 64) ends a run as it would end the user's. Prints per recipe:
+how it stopped (done, budget, or the stall), requests spent, accepted records and instructions per 100
+requests, generated tokens per accepted record, the top rejection reasons and the loud-stall alerts.
 
 `--before REV` also runs the same with the code of git revision REV (a temporary worktree put first on
-PYTHONPATH; default backend transformers there, as vLLM's CPU build could not run before it was fixed),
-so the table shows before and after side by side. Every run is a fresh process.
+PYTHONPATH) for `--before-budget` requests, on the transformers backend (vLLM's CPU build could not run
+before it was fixed); the same recipe is then also run after on transformers, so before and after
+compare on one backend. Every run is a fresh process.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGE_TOKENS = 256  # max_tokens of every stage (CPU-sized), Alpaca's 20-task lists excepted
-ALPACA_TOKENS = 512
+ALPACA_TOKENS = 384
 
 
 class BudgetSpent(Exception):
@@ -54,8 +57,9 @@ class Budget:
         return getattr(self.inner, name)
 
 
-def one(model: str, method: str, backend: str, budget: int, out: Path, list_format: str) -> dict:
-    """Run `method` until `budget` requests are spent; what it accepted and rejected, from the run directory."""
+def one(model: str, method: str, backend: str, budget: int, target: int, out: Path, list_format: str) -> dict:
+    """Run `method` to `target` or until `budget` requests are spent; what it accepted and rejected, from the
+    run directory."""
     import selfinstruct
     from selfinstruct.config import load_config
     from selfinstruct.generate import loop
@@ -63,9 +67,8 @@ def one(model: str, method: str, backend: str, budget: int, out: Path, list_form
     overrides = {"teacher.model": model, "teacher.backend": backend, "teacher.cache": None,
                  "teacher.max_model_len": 2048, "generate.method": method, "generate.seed": 0,
                  "generate.seeds": str(ROOT / "seeds"), "generate.out": str(out),
-                 "generate.num_instructions": 100_000, "generate.request_batch_size": 4,
-                 "generate.max_stalled_requests": 100_000,
-                 "generate.evol.batch_size": 8, "generate.evol.max_inputs": 64}
+                 "generate.num_instructions": target, "generate.request_batch_size": 4,
+                 "generate.evol.rounds": 1, "generate.evol.batch_size": 8, "generate.evol.max_inputs": target}
     if list_format != "text":
         overrides["generate.list_format"] = list_format
     cfg = load_config(None, overrides)
@@ -87,7 +90,7 @@ def one(model: str, method: str, backend: str, budget: int, out: Path, list_form
     loop.make_teacher = budgeted
     try:
         loop.run_generate(cfg)
-        stopped = "finished"
+        stopped = "done"
     except BudgetSpent:
         stopped = "budget"
     except Exception as e:  # noqa: BLE001 - a stall or a crash is a result here, reported as such
@@ -110,8 +113,9 @@ def run_child(args: argparse.Namespace, method: str, backend: str, pythonpath: s
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    cmd = [sys.executable, __file__, args.model, "--one", method, "--backend", backend, "--budget",
-           str(args.budget), "--out", str(out), "--list-format", args.list_format]
+    budget = args.before_budget if label.startswith("before") or backend != args.backend else args.budget
+    cmd = [sys.executable, __file__, args.model, "--one", method, "--backend", backend, "--budget", str(budget),
+           "--target", str(args.target), "--out", str(out), "--list-format", args.list_format]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     (out.parent / "output.log").write_text(r.stdout + r.stderr)
     lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
@@ -135,17 +139,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model", help="a model directory or .gguf file (SmolLM2-135M-Instruct)")
     ap.add_argument("--recipes", default="self-instruct,alpaca,evol")
-    ap.add_argument("--budget", type=int, default=40, help="teacher requests per recipe")
+    ap.add_argument("--budget", type=int, default=150, help="most teacher requests per recipe")
+    ap.add_argument("--target", type=int, default=30, help="accepted instructions (evol: inputs evolved)")
+    ap.add_argument("--before-budget", type=int, default=32, help="with --before: requests per recipe")
     ap.add_argument("--backend", default="vllm", choices=["vllm", "transformers"])
     ap.add_argument("--before", metavar="REV", help="also run git revision REV (e.g. 982d830)")
-    ap.add_argument("--before-backend", default="transformers", choices=["vllm", "transformers"])
     ap.add_argument("--list-format", default="text", choices=["text", "json"])
     ap.add_argument("--only-before", action="store_true", help="with --before: run only the old code")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.model, args.one, args.backend, args.budget, Path(args.out), args.list_format)))
+        print(json.dumps(one(args.model, args.one, args.backend, args.budget, args.target, Path(args.out),
+                             args.list_format)))
         return
     methods = args.recipes.split(",")
     worktree = None
@@ -156,12 +162,11 @@ def main() -> None:
     try:
         for method in methods:
             if worktree:
-                show(run_child(args, method, args.before_backend, str(worktree), "before"))
-                if args.only_before:
-                    continue
-                if args.before_backend != args.backend:
-                    show(run_child(args, method, args.before_backend, None, "after"))
-            show(run_child(args, method, args.backend, None, "after"))
+                show(run_child(args, method, "transformers", str(worktree), "before"))
+                if not args.only_before:
+                    show(run_child(args, method, "transformers", None, "after"))
+            if not args.only_before:
+                show(run_child(args, method, args.backend, None, "after"))
     finally:
         if worktree:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)],

@@ -38,9 +38,11 @@ from selfinstruct.prompts import render
 from selfinstruct.records import JsonlAppender, read_jsonl, user_turn, write_atomic, write_json
 from selfinstruct.seeds import load_tasks
 from selfinstruct.teacher import Request, make_teacher
+from selfinstruct.teacher.base import choice_mode
 
 T_JUDGE = "judge/pairwise.jinja"
 T_JUDGE_REPLY = "judge/pairwise_reply.jinja"  # a chat judge's reply starts with the verdict's "[[" (prefilled)
+VERDICTS = ("[[A]]", "[[B]]", "[[C]]")
 Z95 = 1.959963984540054
 
 _BRACKET = re.compile(r"\[\[\s*(a|b|c|tie)\s*\]\]")
@@ -179,11 +181,15 @@ def judge_config(cfg: Config) -> TeacherConfig:
 def compare(cfg: Config, judge: Any, items: list[dict[str, str]], candidate: list[str], reference: list[str],
             label: str, out: Path) -> dict[str, Any]:
     """Judge candidate vs reference on every item in both orders; judgements appended to `out`."""
+    # The verdict is a choice where the judge's backend enforces one (vLLM, transformers); elsewhere the reply
+    # is prefilled with the verdict's "[[" and parsed (the choice is still asked for, a server may honour it).
+    mode = choice_mode(judge)
+    prefill = None if mode == "choice" else render(T_JUDGE_REPLY)
     requests = []
     for item, c, r in zip(items, candidate, reference, strict=True):
         for a, b in ((c, r), (r, c)):
             requests.append(Request(render(T_JUDGE, instruction=item["prompt"], answer_a=a, answer_b=b),
-                                    cfg.eval.judge_sampling, prefill=render(T_JUDGE_REPLY)))
+                                    cfg.eval.judge_sampling, prefill=prefill, choices=VERDICTS))
     outs = judge.generate(requests)
     scores, rows = [], []
     for k, item in enumerate(items):
@@ -192,13 +198,14 @@ def compare(cfg: Config, judge: Any, items: list[dict[str, str]], candidate: lis
         s = item_score(v1, v2)
         scores.append(s)
         rows.append({"comparison": label, "id": item["id"], "candidate_first": {"raw": first[:500], "verdict": v1},
-                     "candidate_second": {"raw": second[:500], "verdict": v2}, "score": s})
+                     "candidate_second": {"raw": second[:500], "verdict": v2}, "score": s, "verdict_mode": mode})
     with JsonlAppender(out) as f:
         f.write_many(rows)
     result = win_rate(scores)
     unparsed = sum(r[o]["verdict"] is None for r in rows for o in ("candidate_first", "candidate_second"))
     total = 2 * len(rows)
-    result.update(unparsed_verdicts=unparsed, unparsed_share=round(unparsed / total, 4) if total else 0.0)
+    result.update(unparsed_verdicts=unparsed, unparsed_share=round(unparsed / total, 4) if total else 0.0,
+                  verdict_mode=mode)
     if total and unparsed / total > cfg.eval.max_unparsed_share:
         sample = next((r["candidate_first"]["raw"] for r in rows if r["candidate_first"]["verdict"] is None), "")
         raise JudgeError(

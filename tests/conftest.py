@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -159,3 +160,55 @@ def smollm2_adapter(smollm2_dir, tmp_path_factory) -> Path:
             d / "train.yaml", env={"XDG_CACHE_HOME": str(d / "xdg")})
     assert r.returncode == 0, r.stderr
     return d / "out" / "adapter"
+
+
+RECIPE_TARGET = 3  # accepted instructions (self-instruct, alpaca); evol evolves twice this many seeds once
+
+
+def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path) -> tuple[list[dict], dict]:
+    """`method` on SmolLM2 with `backend` (in this process, so a vLLM engine already started is reused) at
+    CPU-sized lengths; fails the calling test unless the run reaches its target (no stall) and every record
+    passes the filters that admitted it. Returns the records and stats.json."""
+    import dataclasses
+
+    from selfinstruct.config import FilterConfig, load_config
+    from selfinstruct.filters import (
+        check_evolved_instruction,
+        check_evolved_response,
+        check_instance,
+        check_instruction,
+    )
+    from selfinstruct.generate.loop import run_generate
+    from selfinstruct.records import read_jsonl
+    from selfinstruct.seeds import Instance
+
+    cfg = load_config(None, {
+        "teacher.model": str(model_dir), "teacher.backend": backend, "teacher.cache": None,
+        "teacher.max_model_len": 2048, "teacher.enable_lora": backend == "vllm",  # the module's engine has LoRA
+        "generate.method": method, "generate.seed": 1, "generate.seeds": str(ROOT / "seeds"),
+        "generate.out": str(out), "generate.num_instructions": RECIPE_TARGET, "generate.request_batch_size": 4,
+        "generate.evol.rounds": 1, "generate.evol.max_inputs": 2 * RECIPE_TARGET,
+        "generate.evol.batch_size": 2 * RECIPE_TARGET})
+    g = cfg.generate
+    g.instruction_sampling = dataclasses.replace(g.instruction_sampling, max_tokens=160)
+    g.instance_sampling = dataclasses.replace(g.instance_sampling, max_tokens=160)
+    g.alpaca.sampling = dataclasses.replace(g.alpaca.sampling, max_tokens=256)
+    # At WizardLM's temperature 1.0 this 135M model's rewrites ramble past a CPU-sized budget (truncated_evolution)
+    g.evol.evolve_sampling = dataclasses.replace(g.evol.evolve_sampling, max_tokens=128, temperature=0.7)
+    g.evol.response_sampling = dataclasses.replace(g.evol.response_sampling, max_tokens=160, temperature=0.7)
+    run_generate(cfg)  # a stall raises StalledError
+    stats = json.loads((out / "stats.json").read_text())
+    records = read_jsonl(out / "generated.jsonl")
+    assert stats["stopped"] == "done" and records
+    if method == "evol":
+        assert len(records) >= 1
+        for r in records:
+            assert check_evolved_instruction(r["instruction"]) == (True, "")
+            assert check_evolved_response(r["output"], g.evol.sorry_max_words) == (True, "")
+    else:
+        assert len({r["instruction"] for r in records}) >= RECIPE_TARGET
+        for r in records:
+            assert check_instruction(r["instruction"], FilterConfig())[0], r["instruction"]
+            assert check_instance(Instance(r["input"], r["output"]))[0], r
+            assert r["scores"]["rouge_max"] < 0.7 and r["scores"]["list_format"] == "text"
+    return records, stats

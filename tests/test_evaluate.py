@@ -107,3 +107,25 @@ def test_unparsed_verdicts_are_counted_and_fail_above_the_limit(tmp_path):
     assert len(read_jsonl(tmp_path / "k.jsonl")) == 4  # the raw verdicts are kept for a look
     ok = compare(Config(eval=EvalConfig()), LengthJudge("longer"), items, cands, refs, "vs_base", tmp_path / "l.jsonl")
     assert ok["unparsed_verdicts"] == 0 and ok["unparsed_share"] == 0.0
+
+
+class ChoosingJudge(LengthJudge):
+    """A judge whose backend enforces choices (as vLLM's and transformers' do): it records what it was asked."""
+
+    enforces_choices = True
+
+    def generate(self, requests):
+        self.requests = requests
+        return super().generate(requests)
+
+
+def test_verdict_is_a_choice_where_the_backend_enforces_one(tmp_path):
+    items = [{"id": "h0", "prompt": "Question?", "reference": "x"}]
+    choosing, parsing = ChoosingJudge("longer"), ChoosingJudge("longer")
+    parsing.enforces_choices = False
+    enforced = compare(Config(eval=EvalConfig()), choosing, items, ["long answer"], ["s"], "vs_base", tmp_path / "a")
+    parsed = compare(Config(eval=EvalConfig()), parsing, items, ["long answer"], ["s"], "vs_base", tmp_path / "b")
+    assert [(r.choices, r.prefill) for r in choosing.requests] == [(("[[A]]", "[[B]]", "[[C]]"), None)] * 2
+    assert [(r.choices, r.prefill) for r in parsing.requests] == [(("[[A]]", "[[B]]", "[[C]]"), "[[")] * 2
+    assert (enforced["verdict_mode"], parsed["verdict_mode"]) == ("choice", "parsed")
+    assert read_jsonl(tmp_path / "a")[0]["verdict_mode"] == "choice"

@@ -140,6 +140,8 @@ def test_json_list_replies():
     fenced, _ = parse_instructions_json('```json\n["Add two numbers."]\n```', False)
     assert fenced == ["Add two numbers."]
     assert parse_instructions_json('{"instructions": ["cut', True) == ([], [('{"instructions": ["cut', "truncated")])
+    cut = '{"instructions": ["Name a river.", "Sort the list.", "Write a po'
+    assert parse_instructions_json(cut, True) == (["Name a river.", "Sort the list."], [(cut, "truncated")])
     assert parse_instructions_json("Sure! 1. Name", False) == ([], [("Sure! 1. Name", "invalid_json")])
     assert parse_instructions_json('{"tasks": "no list"}', False)[1][0][1] == "invalid_json"
 

@@ -109,3 +109,42 @@ def test_choice_is_enforced(chat):
     equal = chat.generate([Request("Are these the same? 'Name a fruit.' and 'Name a fruit.'",
                                    Sampling(temperature=1.0, max_tokens=6, seed=1), choices=("Equal", "Not Equal"))])
     assert equal[0][0].text in ("Equal", "Not Equal")
+
+
+@pytest.mark.parametrize("method", ["self-instruct", "alpaca", "evol"])
+def test_recipe_reaches_its_target_on_the_engine(chat, smollm2_dir, tmp_path, method):
+    """Each recipe on SmolLM2 through the module's engine (a run in this process reuses it): the target is
+    reached without a stall and every record passes the filters (conftest.run_recipe_on_smollm2)."""
+    from conftest import run_recipe_on_smollm2
+
+    records, stats = run_recipe_on_smollm2(smollm2_dir, method, "vllm", tmp_path / "run")
+    assert _ENGINE["llm"] is chat.llm  # no second engine
+    if method == "self-instruct":
+        assert {r["scores"]["classification_mode"] for r in records} == {"choice"}
+    if method == "evol":
+        assert {r["scores"]["equality_mode"] for r in records} == {"choice"}
+
+
+def test_json_lists_follow_their_schema(chat, tmp_path):
+    """generate.list_format json on the engine: every instruction-list reply is JSON of the schema."""
+    from selfinstruct.generate.parse import MAX_INSTRUCTION_CHARS, instructions_schema, parse_instructions_json
+
+    reqs = [Request(f"Come up with a series of tasks:\n1. Name a river.\n2. Add two numbers.\n\nContinue the series "
+                    f'with up to 5 new tasks. Answer with a JSON object only: {{"instructions": ["a new task"]}} ({i})',
+                    Sampling(temperature=0.7, max_tokens=600, seed=i), json_schema=instructions_schema(5))
+            for i in range(3)]
+    for o in chat.generate(reqs):
+        items, dropped = parse_instructions_json(o[0].text, o[0].finish_reason == "length")
+        assert 1 <= len(items) <= 5 and not [r for _, r in dropped if r == "invalid_json"], o[0].text
+        assert all(len(i) <= MAX_INSTRUCTION_CHARS for i in items)
+
+
+def test_judge_verdicts_are_choices(chat, tmp_path):
+    from selfinstruct.config import Config, EvalConfig
+    from selfinstruct.evaluate import compare
+
+    items = [{"id": f"h{i}", "prompt": q, "reference": "x"} for i, q in
+             enumerate(["What is the capital of France?", "Name a primary colour."])]
+    w = compare(Config(eval=EvalConfig()), chat, items, ["Paris.", "Red."], ["Bananas.", "Trains."], "vs_base",
+                tmp_path / "j.jsonl")
+    assert w["unparsed_verdicts"] == 0 and w["verdict_mode"] == "choice" and w["n"] == 2

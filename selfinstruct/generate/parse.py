@@ -175,32 +175,56 @@ def parse_alpaca(text: str, first: int, truncated: bool) -> tuple[list[tuple[str
 INSTRUCTIONS_SCHEMA_KEY, TASKS_SCHEMA_KEY = "instructions", "tasks"
 
 
+# Longest strings the schemas allow (characters): an instruction longer than the filters' 150 words is
+# dropped anyway, and a bound lets an enforcing backend end a runaway string instead of spending max_tokens.
+MAX_INSTRUCTION_CHARS, MAX_FIELD_CHARS = 1000, 2000
+
+
 def instructions_schema(max_items: int) -> dict:
     """JSON schema of a Self-Instruct instruction list: {"instructions": [str, ...]}."""
+    item = {"type": "string", "minLength": 1, "maxLength": MAX_INSTRUCTION_CHARS}
     return {"type": "object", "required": [INSTRUCTIONS_SCHEMA_KEY], "additionalProperties": False,
             "properties": {INSTRUCTIONS_SCHEMA_KEY: {"type": "array", "minItems": 1, "maxItems": max_items,
-                                                     "items": {"type": "string", "minLength": 1}}}}
+                                                     "items": item}}}
 
 
 def tasks_schema(max_items: int) -> dict:
     """JSON schema of an Alpaca task list: {"tasks": [{"instruction", "input", "output"}, ...]}."""
+    limits = {"instruction": MAX_INSTRUCTION_CHARS, "input": MAX_FIELD_CHARS, "output": MAX_FIELD_CHARS}
     task = {"type": "object", "required": ["instruction", "input", "output"], "additionalProperties": False,
-            "properties": {k: {"type": "string"} for k in ("instruction", "input", "output")}}
+            "properties": {k: {"type": "string", "maxLength": n} for k, n in limits.items()}}
     return {"type": "object", "required": [TASKS_SCHEMA_KEY], "additionalProperties": False,
             "properties": {TASKS_SCHEMA_KEY: {"type": "array", "minItems": 1, "maxItems": max_items, "items": task}}}
 
 
 def _json_items(text: str, key: str, truncated: bool) -> tuple[list, list[tuple[str, str]]]:
     """The list under `key` of a JSON reply (a bare list is accepted; a ```json fence around it, from a
-    teacher that was asked but not forced, is removed). Unreadable: `truncated` when the reply hit
-    max_tokens, else `invalid_json`."""
+    teacher that was asked but not forced, is removed). A reply cut by max_tokens keeps its complete items
+    (the cut one is `truncated`); otherwise unreadable JSON is `invalid_json`."""
     body = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", text)
     try:
         data = json.loads(body)
     except ValueError:
-        return [], [(text.strip(), "truncated" if truncated else "invalid_json")]
+        if truncated:
+            return _complete_items(body, key), [(text.strip(), "truncated")]
+        return [], [(text.strip(), "invalid_json")]
     items = data.get(key) if isinstance(data, dict) else data
     return (items, []) if isinstance(items, list) else ([], [(text.strip(), "invalid_json")])
+
+
+def _complete_items(body: str, key: str) -> list:
+    """The items of `key`'s list that are complete before the text was cut off."""
+    m = re.search(r'^\s*(?:\{\s*"' + re.escape(key) + r'"\s*:\s*)?\[', body)
+    if not m:
+        return []
+    decoder, items, i = json.JSONDecoder(), [], m.end()
+    while True:
+        i = len(body) - len(body[i:].lstrip(" \t\r\n,"))
+        try:
+            item, i = decoder.raw_decode(body, i)
+        except ValueError:
+            return items
+        items.append(item)
 
 
 def parse_instructions_json(text: str, truncated: bool) -> tuple[list[str], list[tuple[str, str]]]:

@@ -1,0 +1,33 @@
+"""Every recipe on a real chat model, SmolLM2-135M-Instruct, on the transformers backend (the vLLM engine
+runs the same in tests/test_vllm.py): each reaches a small target without stalling, every record passes the
+filters, and the chat-native stages (prefilled replies, enforced choices) are what made it work."""
+
+import pytest
+from conftest import RECIPE_TARGET, run_recipe_on_smollm2
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("method", ["self-instruct", "alpaca", "evol"])
+def test_recipe_reaches_its_target_on_smollm2(smollm2_dir, tmp_path, method):
+    records, stats = run_recipe_on_smollm2(smollm2_dir, method, "transformers", tmp_path / "run")
+    assert stats["teacher"] == str(smollm2_dir) and not [a for a in stats["alerts"] if a["reason"] == "empty_reply"]
+    if method == "self-instruct":  # the Yes/No question was answered by the likelihood of each choice
+        assert {r["scores"]["classification_mode"] for r in records} == {"choice"}
+        assert stats["accepted_instructions"] >= RECIPE_TARGET
+    if method == "evol":
+        assert stats["counts"].get("equality_unclear", 0) == 0  # Equal / Not Equal was a choice
+
+
+def test_judge_verdicts_are_choices_on_smollm2(smollm2_dir, tmp_path):
+    """SmolLM2 as the judge writes prose, not [[A]] (unparsed ~all); as a likelihood choice every verdict counts."""
+    from selfinstruct.config import Config, EvalConfig, TeacherConfig
+    from selfinstruct.evaluate import compare
+    from selfinstruct.teacher.hf import HFTeacher
+
+    judge = HFTeacher(TeacherConfig(model=str(smollm2_dir), backend="transformers", cache=None))
+    items = [{"id": f"h{i}", "prompt": q, "reference": "x"} for i, q in
+             enumerate(["What is the capital of France?", "Name a primary colour."])]
+    good, bad = ["The capital of France is Paris.", "Red is a primary colour."], ["Bananas.", "I like trains."]
+    w = compare(Config(eval=EvalConfig()), judge, items, good, bad, "vs_base", tmp_path / "j.jsonl")
+    assert w["unparsed_verdicts"] == 0 and w["verdict_mode"] == "choice" and w["n"] == 2
