@@ -211,15 +211,25 @@ def test_bad_student_or_heldout_fails_before_anything_is_written(teacher_dir, tm
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
-def test_a_judge_that_cannot_be_read_fails_the_evaluation(finished_run, random_model_dir, tmp_path):
-    """An untrained judge answers garbage: the evaluation stops with the count and the fix, instead of
-    reporting a win rate; the round stays unevaluated, so a later `eval` with a better judge redoes it."""
+def test_a_judge_that_cannot_be_read_fails_the_evaluation(finished_run, random_model_dir, tmp_path, monkeypatch):
+    """A judge whose verdicts cannot be read: the evaluation stops with the count and the fix, instead of
+    reporting a win rate; the round stays unevaluated, so a later `eval` with a better judge redoes it.
+    On transformers the verdict is an enforced choice and always readable, so the garbled answers are
+    injected (as a server that ignores the choice would send them), around the real evaluation."""
     import shutil
+
+    from selfinstruct.config import load_config
+    from selfinstruct.errors import JudgeError
+    from selfinstruct.rounds import evaluate_run
+    from selfinstruct.teacher import Completion
+    from selfinstruct.teacher.hf import HFTeacher
 
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)
     shutil.rmtree(run / "round-2" / "eval")
-    r = cli("eval", run, "--judge", random_model_dir)
-    assert r.returncode == 1 and "verdict could not be read in" in r.stderr and "eval.max_unparsed_share" in r.stderr
+    monkeypatch.setattr(HFTeacher, "_choose", lambda self, req: Completion("The weather is nice today.", "stop"))
+    cfg = load_config(run / "config.yaml", {"eval.judge": str(random_model_dir)})
+    with pytest.raises(JudgeError, match=r"verdict could not be read in .*eval\.max_unparsed_share"):
+        evaluate_run(cfg, run)
     assert not (run / "round-2" / "eval" / "manifest.json").exists()
     assert read_jsonl(run / "round-2" / "eval" / "judgements.jsonl")  # the raw replies are kept for a look
