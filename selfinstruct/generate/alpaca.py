@@ -17,7 +17,7 @@ from selfinstruct.filters import check_instance
 from selfinstruct.generate.alerts import dominant
 from selfinstruct.generate.loop import Run
 from selfinstruct.generate.parse import parse_alpaca, parse_alpaca_json, tasks_schema
-from selfinstruct.generate.self_instruct import demo_text, public, seeded
+from selfinstruct.generate.self_instruct import demo_text, list_request, public
 from selfinstruct.prompts import render, template_id
 from selfinstruct.records import Record
 from selfinstruct.teacher import Request
@@ -34,19 +34,14 @@ def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[str]
     rng = random.Random(f"{cfg.seed}-{step_no}")
     n_demos = min(acfg.num_prompt_instructions, len(run.seeds))
     stop = list(acfg.sampling.stop) + [f"\n{acfg.num_tasks}", f"{acfg.num_tasks}."]
-    json_mode = cfg.list_format == "json"
+    schema = tasks_schema(max(1, acfg.num_tasks - n_demos - 1)) if cfg.list_format == "json" else None
     requests, parents = [], []
     for _ in range(cfg.request_batch_size):
         tasks = rng.sample(run.seeds, n_demos)
         demos = [{"instruction": demo_text(t.instruction), "input": t.instances[0].input or "<noinput>",
                   "output": t.instances[0].output} for t in tasks]
-        prompt = render(T_ALPACA, num_tasks=acfg.num_tasks, demos=demos, json=json_mode)
-        if json_mode:  # no prefill and no stop strings: the schema shapes the whole reply
-            requests.append(Request(prompt, seeded(acfg.sampling, rng, stop=[]),
-                                    json_schema=tasks_schema(max(1, acfg.num_tasks - n_demos - 1))))
-        else:
-            requests.append(Request(prompt, seeded(acfg.sampling, rng, stop=stop),
-                                    prefill=render(T_REPLY, n=n_demos + 1)))
+        prompt = render(T_ALPACA, num_tasks=acfg.num_tasks, demos=demos, json=schema is not None)
+        requests.append(list_request(prompt, acfg.sampling, rng, schema, stop, render(T_REPLY, n=n_demos + 1)))
         parents.append([t.id for t in tasks])
     return requests, parents
 

@@ -138,19 +138,18 @@ def parse_alpaca(text: str, first: int, truncated: bool) -> tuple[list[tuple[str
     tasks_raw: list[tuple[str, list[tuple[str, str]]]] = []  # (raw text, [(field, value), ...]) per task
     dropped: list[tuple[str, str]] = []
     for chunk in body.split("###"):
-        parts = _ALPACA_FIELD.split(chunk)
-        starts = [m.start() for m in _ALPACA_FIELD.finditer(chunk) if m.group(1).lower() == "instruction"]
-        if chunk[: starts[0] if starts else len(chunk)].strip():  # text before any Instruction: not a task
-            dropped.append((chunk[: starts[0] if starts else len(chunk)].strip(), "malformed_task"))
-        fields = list(zip((f.lower() for f in parts[1::2]), parts[2::2], strict=True))
-        k = 0
-        for j, (name, _) in enumerate(fields):
+        marks = list(_ALPACA_FIELD.finditer(chunk))
+        ends = [m.start() for m in marks[1:]] + [len(chunk)]
+        firsts = [i for i, m in enumerate(marks) if m.group(1).lower() == "instruction"]
+        head = chunk[: marks[firsts[0]].start() if firsts else len(chunk)].strip()
+        if head:  # text (or fields) before any Instruction: not a task
+            dropped.append((head, "malformed_task"))
+        for i in range(firsts[0] if firsts else len(marks), len(marks)):
+            name, value = marks[i].group(1).lower(), chunk[marks[i].end(): ends[i]]
             if name == "instruction":
-                raw = chunk[starts[k]: starts[k + 1] if k + 1 < len(starts) else len(chunk)].strip()
-                tasks_raw.append((raw, [fields[j]]))
-                k += 1
-            elif k:  # an Input/Output before the chunk's first Instruction is in the text dropped above
-                tasks_raw[-1][1].append(fields[j])
+                nxt = next((j for j in firsts if j > i), None)
+                tasks_raw.append((chunk[marks[i].start(): marks[nxt].start() if nxt else len(chunk)].strip(), []))
+            tasks_raw[-1][1].append((name, value))
     if truncated and tasks_raw:  # hit max_tokens: the last task may be cut mid-sentence
         dropped.append((tasks_raw.pop()[0], "truncated"))
     tasks = []

@@ -67,6 +67,16 @@ def seeded(s: Sampling, rng: random.Random, **changes: object) -> Sampling:
     return dataclasses.replace(s, seed=rng.getrandbits(31), **changes)
 
 
+def list_request(prompt: str, sampling: Sampling, rng: random.Random, schema: dict | None, stop: list[str],
+                 prefill: str) -> Request:
+    """A list stage's request (instruction lists, Alpaca's task lists): with a `schema` (list_format json) it
+    asks for JSON of it, with no prefill and no stop strings (the schema shapes the whole reply); without,
+    the numbered list continues from `prefill` until a `stop` string."""
+    if schema is not None:
+        return Request(prompt, seeded(sampling, rng, stop=[]), json_schema=schema)
+    return Request(prompt, seeded(sampling, rng, stop=stop), prefill=prefill)
+
+
 def instruction_requests(run: Run, step_no: int) -> tuple[random.Random, list[Request], list[list[str]]]:
     """Step `step_no`'s instruction-generation requests and their demos' ids, and the step's RNG
     (one stream per step: a resumed or prefetching run draws exactly the same)."""
@@ -81,12 +91,9 @@ def instruction_requests(run: Run, step_no: int) -> tuple[random.Random, list[Re
         max_items = max(1, LIST_END - 1 - len(demos))
         prompt = render(T_INSTRUCTIONS, instructions=[demo_text(t) for t, _ in demos], json=json_mode,
                         max_items=max_items)
-        if json_mode:  # no prefill and no stop strings: the schema shapes the whole reply
-            requests.append(Request(prompt, seeded(cfg.instruction_sampling, rng, stop=[]),
-                                    json_schema=instructions_schema(max_items)))
-        else:
-            requests.append(Request(prompt, seeded(cfg.instruction_sampling, rng),
-                                    prefill=render(REPLY[T_INSTRUCTIONS], n=len(demos) + 1)))
+        requests.append(list_request(prompt, cfg.instruction_sampling, rng,
+                                     instructions_schema(max_items) if json_mode else None,
+                                     cfg.instruction_sampling.stop, render(REPLY[T_INSTRUCTIONS], n=len(demos) + 1)))
         parents.append([i for _, i in demos])
     return rng, requests, parents
 
