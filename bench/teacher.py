@@ -113,8 +113,8 @@ def main() -> None:
         return
 
     from selfinstruct.config import Sampling, TeacherConfig
-    from selfinstruct.teacher import Request
-    from selfinstruct.teacher.openai import OpenAITeacher
+    from selfinstruct.generators import Request
+    from selfinstruct.generators.openai import OpenAIGenerator
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), str(args.delay)])
@@ -125,7 +125,7 @@ def main() -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.05)
-        teacher = OpenAITeacher(TeacherConfig(model="m", base_urls=[f"http://127.0.0.1:{port}/v1"],
+        teacher = OpenAIGenerator(TeacherConfig(model="m", base_urls=[f"http://127.0.0.1:{port}/v1"],
                                               max_concurrency=args.concurrency, cache=None))
         requests = [Request(f"Come up with task {i}:", Sampling(max_tokens=16, seed=i)) for i in range(args.n)]
         teacher.generate(requests[: args.concurrency])  # warm the connection pool

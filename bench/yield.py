@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import Future
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,9 +52,14 @@ class Budget:
         self.spent += len(requests)
         return self.inner.generate(requests)
 
-    def __getattr__(self, name: str) -> object:  # name, close, stats, enforces_choices...
-        if name in ("concurrent", "submit"):  # no prefetch: every request counted when it is made
-            raise AttributeError(name)
+    concurrent = False  # no prefetch: every request counted when it is made
+
+    def submit(self, requests: list) -> Future:
+        fut: Future = Future()
+        fut.set_result(self.generate(requests))
+        return fut
+
+    def __getattr__(self, name: str) -> object:  # name, chat, close, stats, enforces_choices
         return getattr(self.inner, name)
 
 
@@ -61,8 +67,12 @@ def one(model: str, method: str, backend: str, budget: int, target: int, out: Pa
     """Run `method` to `target` or until `budget` requests are spent; what it accepted and rejected, from the
     run directory."""
     import selfinstruct
-    from selfinstruct.config import load_config
     from selfinstruct.generate import loop
+
+    try:
+        from selfinstruct.configfile import load_config
+    except ImportError:  # a --before commit older than the config file's own module
+        from selfinstruct.config import load_config
 
     overrides = {"teacher.model": model, "teacher.backend": backend, "teacher.cache": None,
                  "teacher.max_model_len": 2048, "generate.method": method, "generate.seed": 0,
@@ -81,13 +91,14 @@ def one(model: str, method: str, backend: str, budget: int, target: int, out: Pa
     g.evol.response_sampling = dataclasses.replace(g.evol.response_sampling, **short)
 
     made = []
-    real = loop.make_teacher
+    factory = "make_generator" if hasattr(loop, "make_generator") else "make_teacher"  # older commits' name
+    real = getattr(loop, factory)
 
     def budgeted(tcfg: object) -> Budget:
         made.append(Budget(real(tcfg), budget))
         return made[-1]
 
-    loop.make_teacher = budgeted
+    setattr(loop, factory, budgeted)
     try:
         loop.run_generate(cfg)
         stopped = "done"

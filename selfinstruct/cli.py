@@ -22,7 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from selfinstruct import __version__
-from selfinstruct.config import METHODS, Config, field_help, load_config
+from selfinstruct.config import METHODS, Config, field_help
+from selfinstruct.configfile import load_config
 from selfinstruct.errors import RunError, UserError
 
 console = Console(stderr=True)
@@ -37,55 +38,49 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"selfinstruct {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="Grow an instruction dataset from seed tasks with a teacher model.")
-    _flag(g, "--seeds", "generate.seeds", metavar="PATH")
-    _flag(g, "--method", "generate.method", choices=METHODS)
-    _flag(g, "--teacher", "teacher.model", metavar="MODEL")
-    _flag(g, "--backend", "teacher.backend", choices=["auto", "vllm", "openai", "transformers"])
-    g.add_argument("--base-url", dest="teacher.base_urls", action="append", default=None, metavar="URL",
-                   help=field_help("teacher.base_urls") + " Repeat for several servers.")
+    config = argparse.ArgumentParser(add_help=False)  # every command that reads a config
+    config.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
+    generation = argparse.ArgumentParser(add_help=False)  # what generate and run share
+    _flag(generation, "--seeds", "generate.seeds", metavar="PATH")
+    _flag(generation, "--method", "generate.method", choices=METHODS)
+    _flag(generation, "--teacher", "teacher.model", metavar="MODEL")
+    _flag(generation, "--backend", "teacher.backend", choices=["auto", "vllm", "openai", "transformers"])
+    generation.add_argument("--base-url", dest="teacher.base_urls", action="append", default=None, metavar="URL",
+                            help=field_help("teacher.base_urls") + " Repeat for several servers.")
+    _flag(generation, "--num-instructions", "generate.num_instructions", type=int, metavar="N")
+    _flag(generation, "--seed", "generate.seed", type=int, metavar="S")
+    generation.add_argument("--no-cache", dest="no_cache", action="store_true",
+                            help="Neither read nor write the response cache (teacher.cache).")
+
+    g = sub.add_parser("generate", parents=[generation, config],
+                       help="Grow an instruction dataset from seed tasks with a teacher model.")
     _flag(g, "--prompt-format", "teacher.prompt_format", choices=["auto", "chat", "completion"])
     g.add_argument("--launch", dest="teacher.launch", action="store_true", default=None,
                    help=field_help("teacher.launch"))
-    g.add_argument("--no-cache", dest="no_cache", action="store_true",
-                   help="Neither read nor write the response cache (teacher.cache).")
-    _flag(g, "--num-instructions", "generate.num_instructions", type=int, metavar="N")
     _flag(g, "--out", "generate.out", metavar="DIR")
-    _flag(g, "--seed", "generate.seed", type=int, metavar="S")
     g.add_argument("--resume", dest="generate.resume", action="store_true", default=None,
                    help=field_help("generate.resume"))
-    g.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
     g.set_defaults(func=cmd_generate)
 
-    r = sub.add_parser("run", help="Rounds of generate -> train -> evaluate; re-run the same command to resume.")
-    _flag(r, "--seeds", "generate.seeds", metavar="PATH")
+    r = sub.add_parser("run", parents=[generation, config],
+                       help="Rounds of generate -> train -> evaluate; re-run the same command to resume.")
     _flag(r, "--rounds", "rounds.rounds", type=int, metavar="N")
-    _flag(r, "--method", "generate.method", choices=METHODS)
-    _flag(r, "--teacher", "teacher.model", metavar="MODEL")
     _flag(r, "--student", "train.student", metavar="MODEL")
-    _flag(r, "--backend", "teacher.backend", choices=["auto", "vllm", "openai", "transformers"])
-    r.add_argument("--base-url", dest="teacher.base_urls", action="append", default=None, metavar="URL",
-                   help=field_help("teacher.base_urls") + " Repeat for several servers.")
-    _flag(r, "--num-instructions", "generate.num_instructions", type=int, metavar="N")
     _flag(r, "--generator", "rounds.generator", choices=["teacher", "student"])
     _flag(r, "--train-from", "rounds.train_from", choices=["base", "previous"])
     _flag(r, "--heldout", "eval.heldout", metavar="PATH")
     _flag(r, "--judge", "eval.judge", metavar="MODEL")
     _flag(r, "--out", "rounds.out", metavar="DIR")
-    _flag(r, "--seed", "generate.seed", type=int, metavar="S")
-    r.add_argument("--no-cache", dest="no_cache", action="store_true",
-                   help="Neither read nor write the response cache (teacher.cache).")
-    r.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
     r.set_defaults(func=cmd_run)
 
-    e = sub.add_parser("eval", help="Evaluate a run's students on held-out instructions (judge, win rate, loss).")
+    e = sub.add_parser("eval", parents=[config],
+                       help="Evaluate a run's students on held-out instructions (judge, win rate, loss).")
     e.add_argument("run", metavar="RUN_DIR", help="A `selfinstruct run` directory.")
     _flag(e, "--heldout", "eval.heldout", metavar="PATH")
     _flag(e, "--judge", "eval.judge", metavar="MODEL")
-    e.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
     e.set_defaults(func=cmd_eval)
 
-    t = sub.add_parser("train", help="LoRA-tune a student on generated (or any supported) data.")
+    t = sub.add_parser("train", parents=[config], help="LoRA-tune a student on generated (or any supported) data.")
     _flag(t, "--data", "train.data", metavar="PATH")
     _flag(t, "--student", "train.student", metavar="MODEL")
     _flag(t, "--out", "train.out", metavar="DIR")
@@ -95,7 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Show N tokenised examples with trained tokens marked, and do not train.")
     t.add_argument("--json", action="store_true", help="With --preview: print JSON instead of colours.")
     t.add_argument("--merge", dest="train.merge", action="store_true", default=None, help=field_help("train.merge"))
-    t.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("merge", help="Merge a LoRA adapter into its base model (a full model to serve).")
@@ -294,8 +288,6 @@ def _force_exit(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from selfinstruct.generate.loop import StalledError
-
     args = build_parser().parse_args(argv)
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -303,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
-    except (RunError, StalledError) as e:
+    except RunError as e:  # StalledError among them
         console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt as e:
@@ -314,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if "vllm" in sys.modules:  # end the engine's worker processes with the run, whatever ended it
-            from selfinstruct.teacher.vllm import shutdown_engines
+            from selfinstruct.generators.vllm import shutdown_engines
 
             shutdown_engines()
 

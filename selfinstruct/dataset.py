@@ -14,7 +14,7 @@ from typing import Any
 import datasets
 
 from selfinstruct.errors import UserError
-from selfinstruct.records import Record, read_jsonl
+from selfinstruct.records import Record, read_jsonl, records_source
 from selfinstruct.seeds import load_conversations
 
 Conversation = list[dict[str, str]]
@@ -49,8 +49,8 @@ def load_training_data(path: str | Path) -> tuple[list[Conversation], list[Conve
     if p.is_dir() and (p / "dataset" / "dataset_dict.json").exists():
         dd = datasets.load_from_disk(str(p / "dataset"))
         return [r["messages"] for r in dd["train"]], [r["messages"] for r in dd["test"]]
-    if p.is_dir() and (p / "generated.jsonl").exists():
-        return [Record(**r).messages() for r in read_jsonl(p / "generated.jsonl")], []
+    if records_source(p) != p:
+        return [Record(**r).messages() for r in read_jsonl(records_source(p))], []
     if p.is_dir() and (p / "state.json").exists():
         raise UserError("this run directory has no accepted records yet", p)
     convs = load_conversations(p)

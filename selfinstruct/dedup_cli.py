@@ -16,7 +16,7 @@ from rich.console import Console
 
 from selfinstruct.dedup import exact_dedup, greedy_dedup, minhash_dedup
 from selfinstruct.errors import UserError
-from selfinstruct.records import read_rows, write_atomic
+from selfinstruct.records import read_rows, records_source, write_atomic
 from selfinstruct.seeds import record_text
 
 console = Console(stderr=True)
@@ -28,10 +28,7 @@ def run_dedup(src: str, out: str, method: str, threshold: float) -> dict[str, in
         raise UserError(f"--method must be one of {', '.join(METHODS)}")
     if not 0 < threshold <= 1:
         raise UserError(f"--threshold must be in (0, 1], got {threshold}")
-    path = Path(src)
-    if path.is_dir() and (path / "generated.jsonl").exists():  # a generate run directory
-        path = path / "generated.jsonl"
-    rows = list(read_rows(path))
+    rows = list(read_rows(records_source(src)))
     texts = [record_text(row, f, line) for f, line, row in rows]
     if method == "rouge":
         kept = greedy_dedup(texts, threshold)

@@ -36,3 +36,8 @@ class RemoteError(RunError):
 
 class JudgeError(RunError):
     """The judge's verdicts could not be read often enough for a win rate to mean anything."""
+
+
+class StalledError(RunError):
+    """The teacher made no progress within the request budget (generate.max_stalled_requests); the run's
+    stats and records are written, and the message says why and what to change."""

@@ -34,15 +34,16 @@ from typing import Any
 
 from selfinstruct.config import Config, TeacherConfig
 from selfinstruct.errors import JudgeError, UserError
-from selfinstruct.prompts import render
+from selfinstruct.generators import Generator, Request, make_generator, resolve_backend
+from selfinstruct.generators.base import choice_mode
+from selfinstruct.prompts import Prompts
 from selfinstruct.records import JsonlAppender, read_jsonl, user_turn, write_atomic, write_json
 from selfinstruct.seeds import load_tasks
-from selfinstruct.teacher import Request, make_teacher
-from selfinstruct.teacher.base import choice_mode
 
 T_JUDGE = "judge/pairwise.jinja"
 T_JUDGE_REPLY = "judge/pairwise_reply.jinja"  # a chat judge's reply starts with the verdict's "[[" (prefilled)
 VERDICTS = ("[[A]]", "[[B]]", "[[C]]")
+TEMPLATES = {T_JUDGE: {"instruction": "Say hi.", "answer_a": "Hi.", "answer_b": "Hello."}, T_JUDGE_REPLY: {}}
 Z95 = 1.959963984540054
 
 _BRACKET = re.compile(r"\[\[\s*(a|b|c|tie)\s*\]\]")
@@ -118,8 +119,6 @@ def heldout_items(cfg: Config) -> list[dict[str, str]]:
 
 def student_config(cfg: Config, adapter: str | Path | None) -> TeacherConfig:
     """The student (base, or base + a round's adapter) as a generator, on `eval.backend`."""
-    from selfinstruct.teacher.base import resolve_backend
-
     backend = resolve_backend(cfg.eval.backend, [])
     return dataclasses.replace(cfg.teacher, model=cfg.train.student, backend=backend, launch=False,
                                lora_path=str(adapter) if adapter else None,
@@ -133,7 +132,7 @@ def responses(cfg: Config, adapter: str | Path | None, items: list[dict[str, str
         rows = read_jsonl(path)
         if [r["id"] for r in rows] == [i["id"] for i in items]:
             return [r["response"] for r in rows]
-    teacher = make_teacher(student_config(cfg, adapter))
+    teacher = make_generator(student_config(cfg, adapter))
     try:
         outs = teacher.generate([Request(i["prompt"], cfg.eval.response_sampling) for i in items])
     finally:
@@ -178,17 +177,18 @@ def judge_config(cfg: Config) -> TeacherConfig:
     return dataclasses.replace(cfg.teacher, model=cfg.eval.judge or cfg.teacher.model, lora_path=None, launch=False)
 
 
-def compare(cfg: Config, judge: Any, items: list[dict[str, str]], candidate: list[str], reference: list[str],
+def compare(cfg: Config, judge: Generator, items: list[dict[str, str]], candidate: list[str], reference: list[str],
             label: str, out: Path) -> dict[str, Any]:
     """Judge candidate vs reference on every item in both orders; judgements appended to `out`."""
     # The verdict is a choice where the judge's backend enforces one (vLLM, transformers); elsewhere the reply
     # is prefilled with the verdict's "[[" and parsed (the choice is still asked for, a server may honour it).
+    prompts = Prompts(cfg.generate.prompts_dir)
     mode = choice_mode(judge)
-    prefill = None if mode == "choice" else render(T_JUDGE_REPLY)
+    prefill = None if mode == "choice" else prompts.render(T_JUDGE_REPLY)
     requests = []
     for item, c, r in zip(items, candidate, reference, strict=True):
         for a, b in ((c, r), (r, c)):
-            requests.append(Request(render(T_JUDGE, instruction=item["prompt"], answer_a=a, answer_b=b),
+            requests.append(Request(prompts.render(T_JUDGE, instruction=item["prompt"], answer_a=a, answer_b=b),
                                     cfg.eval.judge_sampling, prefill=prefill, choices=VERDICTS))
     outs = judge.generate(requests)
     scores, rows = [], []
@@ -233,7 +233,7 @@ def evaluate_round(cfg: Config, run_dir: Path, k: int) -> dict[str, Any]:
     previous = base if k == 1 else responses(cfg, run_dir / f"round-{k - 1}" / "train" / "adapter", items,
                                              run_dir / f"round-{k - 1}" / "eval" / "responses.jsonl")
     (out / "judgements.jsonl").unlink(missing_ok=True)  # a re-run judges afresh (answers come from the cache)
-    judge = make_teacher(judge_config(cfg))
+    judge = make_generator(judge_config(cfg))
     try:
         vs_base = compare(cfg, judge, items, mine, base, "vs_base", out / "judgements.jsonl")
         vs_prev = vs_base if k == 1 else compare(cfg, judge, items, mine, previous, "vs_previous",

@@ -90,6 +90,12 @@ def clean_instances(instances: list[Instance], limit: int) -> tuple[list[Instanc
 
 # English stop words (the usual function words: articles, pronouns, auxiliaries, prepositions,
 # conjunctions, and a few fillers). Rule 3 drops a response made only of these and punctuation.
+# Evol-Instruct's elimination rules (Xu et al., 2023, section 3.2), by the reason names rejected.jsonl and
+# stats.json use: 1 no information gain (judged Equal, or unchanged), 2 a short apology, 3 only punctuation
+# and stop words, 4 the rewrite copies words of the evolving prompt.
+EVOL_RULES = {"no_information_gain": 1, "sorry_short_response": 2, "stopwords_only_response": 3,
+              "copies_prompt_words": 4}
+
 _STOP_WORDS = """
 a about above after again against all am an and any are aren't as at be because been before being below
 between both but by can can't cannot could couldn't did didn't do does doesn't doing don't down during each

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-IGNORE = -100
+IGNORE = -100  # the label of a token that is not trained (the one definition; train and evaluate use it)
 
 
 def pack(rows: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:

@@ -56,6 +56,13 @@ def user_turn(instruction: str, input: str) -> str:
 # ---------------------------------------------------------------- reading
 
 
+def records_source(path: str | Path) -> Path:
+    """Where a path's records are: a generate run directory's generated.jsonl, else the path itself (a data
+    file, or a directory of them). The one rule every reader of "a run or a file" follows."""
+    p = Path(path)
+    return p / "generated.jsonl" if p.is_dir() and (p / "generated.jsonl").exists() else p
+
+
 def data_files(path: str | Path) -> list[Path]:
     """A file, or the *.jsonl / *.json files directly inside a directory (sorted; not recursive)."""
     p = Path(path)

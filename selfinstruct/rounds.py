@@ -18,9 +18,11 @@ teacher and judge answers come back from the response cache).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,8 @@ from selfinstruct.config import Config, dump_yaml
 from selfinstruct.errors import RunError, UserError
 from selfinstruct.manifest import write_manifest
 from selfinstruct.modeling import check_model
+from selfinstruct.prompts import Prompts
 from selfinstruct.records import read_jsonl, write_atomic, write_json
-from selfinstruct.seeds import load_tasks
 
 console = Console(stderr=True)
 
@@ -43,12 +45,23 @@ def stage_done(d: Path) -> bool:
     return path.exists() and "stage" in json.loads(path.read_text())
 
 
-def finish_stage(d: Path, stage: str, k: int, started: float, summary: dict[str, Any]) -> None:
-    """The stage's manifest.json (on top of the run manifest generate writes there), atomically."""
+def stage(d: Path, name: str, k: int, work: Callable[[], dict[str, Any]]) -> None:
+    """Round k's stage `name` in directory `d`: skipped when its manifest says it finished; else `work()` runs
+    and its summary goes into the manifest (on top of the run manifest generate writes there), atomically."""
+    if stage_done(d):
+        return
+    started = time.monotonic()
+    summary = work()
     path = d / "manifest.json"
     base = json.loads(path.read_text()) if path.exists() else {}
-    write_json(path, {**base, "stage": stage, "round": k, "finished_at": datetime.now().isoformat(),
+    write_json(path, {**base, "stage": name, "round": k, "finished_at": datetime.now().isoformat(),
                       "seconds": round(time.monotonic() - started, 2), **summary})
+
+
+def trains_on_all_rounds(cfg: Config, k: int) -> bool:
+    """Round k trains a fresh adapter on every round's records so far (train_from base, or round 1), rather
+    than continuing round k-1's adapter on round k's own records."""
+    return cfg.rounds.train_from == "base" or k == 1
 
 
 def round_config(cfg: Config, run_dir: Path, k: int) -> Config:
@@ -64,11 +77,11 @@ def round_config(cfg: Config, run_dir: Path, k: int) -> Config:
 
         c.teacher = student_config(cfg, run_dir / f"round-{k - 1}" / "train" / "adapter")
     c.train.out, c.train.resume = str(rd / "train"), True
-    if cfg.rounds.train_from == "previous" and k > 1:
+    if trains_on_all_rounds(cfg, k):
+        c.train.data = str(rd / "train-data.jsonl")
+    else:
         c.train.data = str(rd / "generate")
         c.train.init_adapter = str(run_dir / f"round-{k - 1}" / "train" / "adapter")
-    else:
-        c.train.data = str(rd / "train-data.jsonl")
     return c
 
 
@@ -89,13 +102,14 @@ def check_servable(cfg: Config) -> None:
                         "or lower lora_r")
 
 
-def share_engine(cfg: Config) -> None:
+def share_engine(cfg: Config) -> Config:
     """When students run on in-process vLLM, the teacher's and judge's engines get LoRA support too, so
     one engine serves them all when they share a base model (an engine start costs a minute or more)."""
     from selfinstruct.evaluate import student_config
 
-    if student_config(cfg, None).backend == "vllm":
-        cfg.teacher.enable_lora = True
+    if student_config(cfg, None).backend != "vllm":
+        return cfg
+    return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, enable_lora=True))
 
 
 def free_accelerator() -> None:
@@ -105,28 +119,28 @@ def free_accelerator() -> None:
     import torch
 
     if "vllm" in sys.modules and torch.cuda.is_available():
-        from selfinstruct.teacher.vllm import shutdown_engines
+        from selfinstruct.generators.vllm import shutdown_engines
 
         shutdown_engines()
 
 
-def run_rounds(cfg: Config) -> Path:
-    from selfinstruct.evaluate import T_JUDGE, T_JUDGE_REPLY, heldout_items
-    from selfinstruct.generate.evol import input_tasks
-    from selfinstruct.generate.loop import run_generate, template_samples
-    from selfinstruct.prompts import check_templates, use_prompts_dir
-    from selfinstruct.train import run_train
+# ---------------------------------------------------------------- selfinstruct run, in named steps
 
-    # Bad templates, seeds or held-out files fail now, before anything is written, not hours into round 1.
-    use_prompts_dir(cfg.generate.prompts_dir)
-    samples = template_samples(cfg.generate.method)
+
+def check_run(cfg: Config) -> None:
+    """Bad templates, seeds, held-out files or model names fail now, before anything is written, not hours
+    into round 1."""
+    from selfinstruct.evaluate import TEMPLATES as JUDGE_TEMPLATES
+    from selfinstruct.evaluate import heldout_items
+    from selfinstruct.generate.loop import RECIPES
+
+    recipe = RECIPES[cfg.generate.method]
+    samples = dict(recipe.templates)
     if cfg.rounds.evaluate:
         heldout_items(cfg)
-        samples[T_JUDGE] = {"instruction": "Say hi.", "answer_a": "Hi.", "answer_b": "Hello."}
-        samples[T_JUDGE_REPLY] = {}
-    check_templates(samples)
+        samples.update(JUDGE_TEMPLATES)
+    Prompts(cfg.generate.prompts_dir).check(samples)
     check_servable(cfg)
-    share_engine(cfg)
     # Models that later stages load here: the student (trained every round), and the teacher and judge
     # when they run in-process, so a typo fails now and not after round 1's generation.
     trust = cfg.teacher.trust_remote_code
@@ -135,70 +149,95 @@ def run_rounds(cfg: Config) -> Path:
         check_model(cfg.teacher.model, trust, "teacher")
         if cfg.rounds.evaluate and cfg.eval.judge:
             check_model(cfg.eval.judge, trust, "judge")
-    (input_tasks if cfg.generate.method == "evol" else load_tasks)(cfg.generate.seeds)
+    recipe.inputs(cfg.generate.seeds)
+
+
+def prepare_run(cfg: Config) -> tuple[Config, Path]:
+    """The run directory (made, with config.yaml) and the config as the run records it."""
     run_dir = Path(cfg.rounds.out or Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-rounds")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the run directory: {e.strerror}", run_dir) from None
-    cfg.rounds.out = str(run_dir)
+    cfg = dataclasses.replace(share_engine(cfg), rounds=dataclasses.replace(cfg.rounds, out=str(run_dir)))
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    for k in range(1, cfg.rounds.rounds + 1):
-        c = round_config(cfg, run_dir, k)
-        rd = run_dir / f"round-{k}"
-        gen, train, ev = rd / "generate", rd / "train", rd / "eval"
-        console.rule(f"round {k} of {cfg.rounds.rounds}")
-        if not stage_done(gen):
-            started = time.monotonic()
-            run_generate(c, round_no=k)
-            stats = json.loads((gen / "stats.json").read_text())
-            finish_stage(gen, "generate", k, started, {"generator": stats["teacher"],
-                                                       "accepted_records": stats["accepted_records"]})
-        if not stage_done(train):
-            started = time.monotonic()
-            if c.train.data.endswith("train-data.jsonl"):  # all data so far, rounds 1..k
-                rows = [r for j in range(1, k + 1) for r in read_jsonl(run_dir / f"round-{j}" / "generate" /
-                                                                        "generated.jsonl")]
-                if not rows:
-                    raise RunError(f"round {k}: the generator accepted no record, so there is nothing to train on "
-                                   f"(why: {gen / 'stats.json'}, {gen / 'rejected.jsonl'}). Try a stronger "
-                                   "teacher, longer max_tokens, or more instructions.")
-                write_atomic(Path(c.train.data), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            free_accelerator()
-            run_train(c)
-            metrics = json.loads((train / "metrics.json").read_text())
-            finish_stage(train, "train", k, started, {"train_examples": metrics["train_examples"],
-                                                      "train_loss": metrics["train_loss"]})
-        if cfg.rounds.evaluate and not stage_done(ev):
-            from selfinstruct.evaluate import evaluate_round
+    return cfg, run_dir
 
-            started = time.monotonic()
-            result = evaluate_round(c, run_dir, k)
-            finish_stage(ev, "eval", k, started, {"win_rate_vs_base": result["vs_base"]["win_rate"]})
-        report = write_report(run_dir)
-        console.print(report_table(report))
+
+def train_data(run_dir: Path, k: int) -> Path:
+    """Round k's train-data.jsonl: every record rounds 1..k accepted (trains_on_all_rounds)."""
+    rows = [r for j in range(1, k + 1) for r in read_jsonl(run_dir / f"round-{j}" / "generate" / "generated.jsonl")]
+    if not rows:
+        gen = run_dir / f"round-{k}" / "generate"
+        raise RunError(f"round {k}: the generator accepted no record, so there is nothing to train on "
+                       f"(why: {gen / 'stats.json'}, {gen / 'rejected.jsonl'}). Try a stronger "
+                       "teacher, longer max_tokens, or more instructions.")
+    path = run_dir / f"round-{k}" / "train-data.jsonl"
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def run_round(cfg: Config, run_dir: Path, k: int) -> None:
+    """Round k's stages, each skipped when finished: generate, train, evaluate; then the report."""
+    from selfinstruct.generate.loop import run_generate
+    from selfinstruct.train import run_train
+
+    c = round_config(cfg, run_dir, k)
+    rd = run_dir / f"round-{k}"
+
+    def generate() -> dict[str, Any]:
+        stats = json.loads((run_generate(c, round_no=k) / "stats.json").read_text())
+        return {"generator": stats["teacher"], "accepted_records": stats["accepted_records"]}
+
+    def train() -> dict[str, Any]:
+        if trains_on_all_rounds(cfg, k):
+            train_data(run_dir, k)
+        free_accelerator()
+        metrics = json.loads((run_train(c) / "metrics.json").read_text())
+        return {"train_examples": metrics["train_examples"], "train_loss": metrics["train_loss"]}
+
+    stage(rd / "generate", "generate", k, generate)
+    stage(rd / "train", "train", k, train)
+    if cfg.rounds.evaluate:
+        stage(rd / "eval", "eval", k, lambda: evaluate_stage(c, run_dir, k))
+
+
+def evaluate_stage(cfg: Config, run_dir: Path, k: int) -> dict[str, Any]:
+    from selfinstruct.evaluate import evaluate_round
+
+    return {"win_rate_vs_base": evaluate_round(cfg, run_dir, k)["vs_base"]["win_rate"]}
+
+
+def write_run_manifest(cfg: Config, run_dir: Path) -> None:
+    """The run's manifest: every stage's seconds and the teacher's tokens, from the stage manifests."""
     stages = [json.loads(p.read_text()) for k in range(1, cfg.rounds.rounds + 1)
               for p in sorted((run_dir / f"round-{k}").glob("*/manifest.json"))]
     write_manifest(run_dir, {f"round-{m['round']}/{m['stage']}": m["seconds"] for m in stages},
                    {"tokens_in": sum(m.get("teacher_tokens", {}).get("in", 0) for m in stages),
                     "tokens_out": sum(m.get("teacher_tokens", {}).get("out", 0) for m in stages)})
+
+
+def run_rounds(cfg: Config) -> Path:
+    """`selfinstruct run`: check, prepare the directory, run every round (resuming), write the manifest."""
+    check_run(cfg)
+    cfg, run_dir = prepare_run(cfg)
+    for k in range(1, cfg.rounds.rounds + 1):
+        console.rule(f"round {k} of {cfg.rounds.rounds}")
+        run_round(cfg, run_dir, k)
+        console.print(report_table(write_report(run_dir)))
+    write_run_manifest(cfg, run_dir)
     return run_dir
 
 
 def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """`selfinstruct eval RUN`: every trained round without a finished evaluation, then the report."""
-    from selfinstruct.evaluate import evaluate_round
-    from selfinstruct.prompts import use_prompts_dir
+    from selfinstruct.evaluate import TEMPLATES as JUDGE_TEMPLATES
 
-    use_prompts_dir(cfg.generate.prompts_dir)
-    share_engine(cfg)
+    Prompts(cfg.generate.prompts_dir).check(JUDGE_TEMPLATES)
+    cfg = share_engine(cfg)
     k = 1
     while stage_done(run_dir / f"round-{k}" / "train"):
-        ev = run_dir / f"round-{k}" / "eval"
-        if not stage_done(ev):
-            started = time.monotonic()
-            result = evaluate_round(cfg, run_dir, k)
-            finish_stage(ev, "eval", k, started, {"win_rate_vs_base": result["vs_base"]["win_rate"]})
+        stage(run_dir / f"round-{k}" / "eval", "eval", k, lambda k=k: evaluate_stage(cfg, run_dir, k))
         k += 1
     if k == 1:
         raise UserError("no round of this run has finished training yet", run_dir)

@@ -83,7 +83,7 @@ def evol_stats(records: list[dict[str, Any]], rejected: list[dict[str, Any]], in
     """Evol-Instruct's numbers: accepted / eliminated per operation and per reason, the paper's four
     rules, and difficulty proxies per evolution depth (depth 0 = the inputs)."""
     from selfinstruct.config import EVOL_OPERATIONS
-    from selfinstruct.generate.evol import RULES
+    from selfinstruct.filters import EVOL_RULES
 
     evolved = [r for r in records if r["method"].startswith("evol:")]
     failed = [r for r in rejected if r.get("stage") == "evol"]
@@ -102,8 +102,8 @@ def evol_stats(records: list[dict[str, Any]], rejected: list[dict[str, Any]], in
         "attempts": len(evolved) + len(failed),
         "accepted": len(evolved),
         "eliminated": len(failed),
-        "rules": {f"{n}_{name}": reasons.get(name, 0) for name, n in RULES.items()},
-        "other_reasons": {k: v for k, v in reasons.most_common() if k not in RULES},
+        "rules": {f"{n}_{name}": reasons.get(name, 0) for name, n in EVOL_RULES.items()},
+        "other_reasons": {k: v for k, v in reasons.most_common() if k not in EVOL_RULES},
         "per_operation": per_op,
         "per_depth": {str(d): {"n": len(texts),
                                "instruction_words": round(statistics.fmean(len(t.split()) for t in texts), 2),
@@ -163,9 +163,8 @@ def counts_table(stats: dict[str, Any], title: str) -> Table:
     t.add_column("what")
     t.add_column("count", justify="right")
     target = stats.get("target_instructions")
-    evol = "evol" in str(stats.get("method"))
-    t.add_row("accepted instructions", f"{stats['accepted_instructions']}" + (f" / {target}" if target and not evol
-                                                                               else ""))
+    t.add_row("accepted instructions", f"{stats['accepted_instructions']}" + (f" / {target}" if target and
+                                                                               "evol" not in stats else ""))
     t.add_row("accepted records", str(stats["accepted_records"]))
     t.add_row("candidates", str(stats.get("counts", {}).get("candidates", 0)))
     for stage, n in stats.get("requests", {}).items():

@@ -13,11 +13,13 @@ TRL's SFTTrainer, which uses them as they are.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,12 @@ from rich.console import Console
 from selfinstruct.config import Config, TrainConfig, dump_yaml
 from selfinstruct.dataset import Conversation, load_training_data
 from selfinstruct.errors import UserError
-from selfinstruct.packing import PackedCollator, pack
+from selfinstruct.packing import IGNORE, PackedCollator, pack
 from selfinstruct.prompts import PROMPTS_DIR
 from selfinstruct.records import write_atomic, write_json
 
 console = Console(stderr=True)
 DEFAULT_CHAT_TEMPLATE = PROMPTS_DIR / "chat" / "default.jinja"
-IGNORE = -100
 
 
 def _render(tok: Any, messages: Conversation, generation_prompt: bool) -> str:
@@ -196,15 +197,27 @@ def padding_fraction(trainer: Any, train_ds: datasets.Dataset) -> float:
     return round(1 - real / slots, 4) if slots else 0.0
 
 
-def run_train(cfg: Config, callbacks: list[Any] | None = None) -> Path:
-    """Train a LoRA adapter; writes <out>/adapter (adapter + tokenizer), metrics.json, loss.png,
-    config.yaml (and <out>/merged with train.merge). Runs unchanged under torchrun / accelerate
-    launch; only rank 0 writes. `callbacks` are extra Trainer callbacks."""
-    import torch
-    from trl import SFTConfig, SFTTrainer
+@dataclass
+class TrainJob:
+    """What a training run needs once its inputs are checked and its model is loaded."""
 
-    from selfinstruct.progress import RichProgress, plot_losses
+    cfg: Config
+    out: Path
+    train_convs: list[Conversation]
+    eval_convs: list[Conversation]
+    mix: dict[str, Any]
+    packing: str = "off"
+    model: Any = None
+    tok: Any = None
+    train_ds: Any = None
+    eval_ds: Any = None
+    dropped: int = 0
+    trained_tokens: int = 0
+    collator: Any = None
 
+
+def check_train(cfg: Config) -> TrainJob:
+    """The data (read, mixed) and the output directory, checked before any model loads."""
     tcfg = cfg.train
     if tcfg.data is None:
         raise UserError("train needs --data (a generate run directory or a data file)")
@@ -213,28 +226,39 @@ def run_train(cfg: Config, callbacks: list[Any] | None = None) -> Path:
     out = Path(tcfg.out) if tcfg.out else default_out(tcfg.data)
     if (out / "adapter").exists() and not tcfg.resume:
         raise UserError("an adapter is already there: pass --resume or another --out", out)
-    cuda = torch.cuda.is_available()
-    packing = packing_mode(tcfg, cuda)
-    model, tok = load_student(cfg, packing)
-    prepare_tokenizer(tok, tcfg.chat_template)
-    train_ds, dropped = build_dataset(tok, train_convs, tcfg.max_length)
-    if train_ds is None:
+    return TrainJob(cfg=cfg, out=out, train_convs=train_convs, eval_convs=eval_convs, mix=mix)
+
+
+def prepare_train(job: TrainJob) -> None:
+    """Load the student, tokenise (and pack) the data; then, on rank 0, make the output directory."""
+    import torch
+
+    tcfg = job.cfg.train
+    job.packing = packing_mode(tcfg, torch.cuda.is_available())
+    job.model, job.tok = load_student(job.cfg, job.packing)
+    prepare_tokenizer(job.tok, tcfg.chat_template)
+    job.train_ds, job.dropped = build_dataset(job.tok, job.train_convs, tcfg.max_length)
+    if job.train_ds is None:
         raise UserError(f"no training example has a trained token within max_length={tcfg.max_length} "
                         "(empty replies, or prompts longer than max_length)", tcfg.data)
-    eval_ds, _ = build_dataset(tok, eval_convs, tcfg.max_length) if eval_convs else (None, 0)
-    trained_tokens = sum(sum(label != IGNORE for label in r) for r in train_ds["labels"])
-    collator = None
-    if packing == "mask":
-        train_ds = datasets.Dataset.from_list(pack(list(train_ds), tcfg.max_length))
-        collator = PackedCollator(tok.pad_token_id)
-    main = int(os.environ.get("RANK", "0")) == 0
-    if main:  # only now, with the data and the model known to be usable, does anything get written
-        out.mkdir(parents=True, exist_ok=True)
-        tcfg.out = str(out)
-        write_atomic(out / "config.yaml", dump_yaml(cfg))
+    job.eval_ds = build_dataset(job.tok, job.eval_convs, tcfg.max_length)[0] if job.eval_convs else None
+    job.trained_tokens = sum(sum(label != IGNORE for label in r) for r in job.train_ds["labels"])
+    if job.packing == "mask":
+        job.train_ds = datasets.Dataset.from_list(pack(list(job.train_ds), tcfg.max_length))
+        job.collator = PackedCollator(job.tok.pad_token_id)
+    if int(os.environ.get("RANK", "0")) == 0:  # only now, with data and model known usable, is anything written
+        job.out.mkdir(parents=True, exist_ok=True)
+        resolved = dataclasses.replace(job.cfg, train=dataclasses.replace(tcfg, out=str(job.out)))
+        write_atomic(job.out / "config.yaml", dump_yaml(resolved))
 
-    args = SFTConfig(
-        output_dir=str(out / "checkpoints"),
+
+def sft_config(job: TrainJob) -> Any:
+    import torch
+    from trl import SFTConfig
+
+    tcfg, cuda = job.cfg.train, torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(job.out / "checkpoints"),
         num_train_epochs=tcfg.epochs,
         learning_rate=tcfg.learning_rate,
         per_device_train_batch_size=tcfg.batch_size,
@@ -246,9 +270,9 @@ def run_train(cfg: Config, callbacks: list[Any] | None = None) -> Path:
         logging_steps=tcfg.logging_steps,
         save_steps=tcfg.save_steps,
         save_total_limit=2,
-        eval_strategy="epoch" if eval_ds is not None else "no",
-        train_sampling_strategy="group_by_length" if tcfg.group_by_length and packing == "off" else "random",
-        packing=packing == "trl",
+        eval_strategy="epoch" if job.eval_ds is not None else "no",
+        train_sampling_strategy="group_by_length" if tcfg.group_by_length and job.packing == "off" else "random",
+        packing=job.packing == "trl",
         packing_strategy="bfd",
         neftune_noise_alpha=tcfg.neftune_noise_alpha,
         seed=tcfg.seed,
@@ -258,43 +282,70 @@ def run_train(cfg: Config, callbacks: list[Any] | None = None) -> Path:
         disable_tqdm=True,  # RichProgress shows loss and tokens/s instead
         report_to="none",
     )
-    model.train()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, peft_config=None if tcfg.init_adapter else lora_config(tcfg),
-                         data_collator=collator,
-                         callbacks=[RichProgress(trained_tokens * tcfg.epochs, console), *(callbacks or [])])
-    waste = padding_fraction(trainer, train_ds)
-    resume = last_complete_checkpoint(out / "checkpoints") if tcfg.resume else None
+
+
+def fit(job: TrainJob, callbacks: list[Any]) -> tuple[Any, Any, float, float, float | None]:
+    """Run the Trainer (from the last complete checkpoint on --resume): (trainer, result, padding waste,
+    seconds, eval loss)."""
+    from trl import SFTTrainer
+
+    from selfinstruct.progress import RichProgress
+
+    tcfg = job.cfg.train
+    job.model.train()
+    trainer = SFTTrainer(model=job.model, args=sft_config(job), train_dataset=job.train_ds, eval_dataset=job.eval_ds,
+                         processing_class=job.tok, peft_config=None if tcfg.init_adapter else lora_config(tcfg),
+                         data_collator=job.collator,
+                         callbacks=[RichProgress(job.trained_tokens * tcfg.epochs, console), *callbacks])
+    waste = padding_fraction(trainer, job.train_ds)
+    resume = last_complete_checkpoint(job.out / "checkpoints") if tcfg.resume else None
     started = time.monotonic()
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     elapsed = time.monotonic() - started
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_ds is not None else None
+    eval_loss = trainer.evaluate()["eval_loss"] if job.eval_ds is not None else None
+    return trainer, result, waste, elapsed, eval_loss
 
-    if trainer.is_world_process_zero():
-        trainer.model.save_pretrained(str(out / "adapter"))
-        tok.save_pretrained(str(out / "adapter"))
-        metrics = {
-            "student": tcfg.student,
-            "train_examples": len(train_convs) - dropped,
-            "eval_examples": 0 if eval_ds is None else len(eval_ds),
-            "dropped_examples": dropped,
-            "mixed_in": mix,
-            "packing": packing,
-            "padding_fraction": waste,
-            "trained_tokens_per_epoch": int(trained_tokens),
-            "train_loss": result.training_loss,
-            "eval_loss": eval_loss,
-            "global_step": result.global_step,
-            "train_seconds": round(elapsed, 2),
-            "world_size": trainer.args.world_size,
-            "log_history": trainer.state.log_history,
-        }
-        write_json(out / "metrics.json", metrics)
-        plot_losses(trainer.state.log_history, out / "loss.png")
-        console.print(f"adapter: {out / 'adapter'}  train loss {result.training_loss:.4f}"
-                      + (f"  eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
-        if tcfg.merge:
-            from selfinstruct.merge import merge_adapter
 
-            merge_adapter(out / "adapter", out / "merged")
-    return out
+def write_outputs(job: TrainJob, trainer: Any, result: Any, waste: float, elapsed: float,
+                  eval_loss: float | None) -> None:
+    """On rank 0: the adapter (with the tokenizer), metrics.json, loss.png, and the merged model if asked."""
+    from selfinstruct.progress import plot_losses
+
+    if not trainer.is_world_process_zero():
+        return
+    tcfg, out = job.cfg.train, job.out
+    trainer.model.save_pretrained(str(out / "adapter"))
+    job.tok.save_pretrained(str(out / "adapter"))
+    write_json(out / "metrics.json", {
+        "student": tcfg.student,
+        "train_examples": len(job.train_convs) - job.dropped,
+        "eval_examples": 0 if job.eval_ds is None else len(job.eval_ds),
+        "dropped_examples": job.dropped,
+        "mixed_in": job.mix,
+        "packing": job.packing,
+        "padding_fraction": waste,
+        "trained_tokens_per_epoch": int(job.trained_tokens),
+        "train_loss": result.training_loss,
+        "eval_loss": eval_loss,
+        "global_step": result.global_step,
+        "train_seconds": round(elapsed, 2),
+        "world_size": trainer.args.world_size,
+        "log_history": trainer.state.log_history,
+    })
+    plot_losses(trainer.state.log_history, out / "loss.png")
+    console.print(f"adapter: {out / 'adapter'}  train loss {result.training_loss:.4f}"
+                  + (f"  eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
+    if tcfg.merge:
+        from selfinstruct.merge import merge_adapter
+
+        merge_adapter(out / "adapter", out / "merged")
+
+
+def run_train(cfg: Config, callbacks: list[Any] | None = None) -> Path:
+    """Train a LoRA adapter; writes <out>/adapter (adapter + tokenizer), metrics.json, loss.png,
+    config.yaml (and <out>/merged with train.merge). Runs unchanged under torchrun / accelerate
+    launch; only rank 0 writes. `callbacks` are extra Trainer callbacks. Returns <out>."""
+    job = check_train(cfg)
+    prepare_train(job)
+    write_outputs(job, *fit(job, callbacks or []))
+    return job.out

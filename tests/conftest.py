@@ -171,7 +171,8 @@ def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path)
     passes the filters that admitted it. Returns the records and stats.json."""
     import dataclasses
 
-    from selfinstruct.config import FilterConfig, load_config
+    from selfinstruct.config import FilterConfig
+    from selfinstruct.configfile import load_config
     from selfinstruct.filters import (
         check_evolved_instruction,
         check_evolved_response,

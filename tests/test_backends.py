@@ -15,12 +15,12 @@ from serve import SERVERS, FaultyProxy, answers, free_port, transformers_serve
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import TeacherError
+from selfinstruct.generators import Request, make_generator
+from selfinstruct.generators.cache import CachedGenerator, ResponseCache, cache_key
+from selfinstruct.generators.hf import HFGenerator
+from selfinstruct.generators.openai import OpenAIGenerator, retry_after
+from selfinstruct.generators.vllm import engine_kwargs, sampling_kwargs, to_completions
 from selfinstruct.records import read_jsonl
-from selfinstruct.teacher import Request, make_teacher
-from selfinstruct.teacher.cache import CachedTeacher, ResponseCache, cache_key
-from selfinstruct.teacher.hf import HFTeacher
-from selfinstruct.teacher.openai import OpenAITeacher, retry_after
-from selfinstruct.teacher.vllm import engine_kwargs, sampling_kwargs, to_completions
 
 POSTS = '"POST /v1/chat/completions HTTP/1.1" 200'
 
@@ -55,15 +55,15 @@ class Counting:
 
 
 def test_cache_answers_repeats_and_grows_n(teacher_dir, tmp_path):
-    real = Counting(HFTeacher(TeacherConfig(model=str(teacher_dir))))
-    teacher = CachedTeacher(real, ResponseCache(tmp_path / "c.sqlite"))
+    real = Counting(HFGenerator(TeacherConfig(model=str(teacher_dir))))
+    teacher = CachedGenerator(real, ResponseCache(tmp_path / "c.sqlite"))
     reqs = [Request("Come up with a task.", Sampling(temperature=1.0, max_tokens=12, n=2, seed=s)) for s in (1, 2)]
     first = teacher.generate(reqs)
     assert real.calls == 2
     assert teacher.generate(reqs) == first and real.calls == 2  # all from the cache
     more = [Request(r.prompt, Sampling(temperature=1.0, max_tokens=12, n=3, seed=r.sampling.seed)) for r in reqs]
     assert [o[:2] for o in teacher.generate(more)] == first and real.calls == 4
-    again = CachedTeacher(real, ResponseCache(tmp_path / "c.sqlite"))  # persisted: a new process sees it
+    again = CachedGenerator(real, ResponseCache(tmp_path / "c.sqlite"))  # persisted: a new process sees it
     assert again.generate(reqs) == first and real.calls == 4
 
 
@@ -76,7 +76,7 @@ def test_cache_key_ignores_n_but_not_the_rest():
 
 
 def _writer(path, start):
-    from selfinstruct.teacher.base import Completion
+    from selfinstruct.generators.base import Completion
 
     cache = ResponseCache(path)
     for i in range(start, start + 300, 10):
@@ -109,7 +109,7 @@ def test_two_servers_spread_failover_and_cache(teacher_dir, fast_config, tmp_pat
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     with transformers_serve(teacher_dir, logs[0]) as url_a, transformers_serve(teacher_dir, logs[1]) as url_b:
         # 1. spread: a teacher with two URLs uses both
-        t = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[url_a, url_b], cache=None))
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[url_a, url_b], cache=None))
         t.generate([Request(f"Task {i}:", Sampling(temperature=0, max_tokens=4)) for i in range(8)])
         t.close()
         assert posts(logs[0]) == 4 and posts(logs[1]) == 4
@@ -241,7 +241,7 @@ def test_vllm_engine_mapping_on_cpu(monkeypatch):
 def test_launch_command_of_the_cpu_build():
     import importlib.metadata
 
-    from selfinstruct.teacher.launch import server_command
+    from selfinstruct.generators.launch import server_command
 
     default = TeacherConfig().launch_command
     cmd = server_command(default)
@@ -263,7 +263,7 @@ def test_vllm_outputs_to_completions():
 def test_response_format_fallback(teacher_dir, tmp_path):
     with transformers_serve(teacher_dir, tmp_path / "s.log") as url, \
             FaultyProxy(url, every_429=10**9, every_500=10**9, every_hang=10**9, reject_response_format=True) as proxy:
-        t = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], cache=None))
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], cache=None))
         schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
         req = Request("Answer in JSON.", Sampling(temperature=0, max_tokens=8), json_schema=schema)
         outs = t.generate([req, req])
@@ -289,7 +289,7 @@ def test_server_refusing_runtime_lora_is_a_clear_error(teacher_dir, tmp_path):
     req = Request("Write a haiku about tea.", Sampling(max_tokens=8))
     with transformers_serve(teacher_dir, tmp_path / "s.log") as url, \
             FaultyProxy(url, refuse_lora=True, **quiet) as proxy:
-        t = make_teacher(TeacherConfig(backend="openai", model=str(teacher_dir), base_urls=[proxy.url],
+        t = make_generator(TeacherConfig(backend="openai", model=str(teacher_dir), base_urls=[proxy.url],
                                        lora_path=str(adapter), cache=None))
         try:
             with pytest.raises(TeacherError, match="--enable-lora"):
@@ -307,7 +307,7 @@ def test_failing_endpoint_leaves_rotation_and_comes_back(teacher_dir, tmp_path):
     req = [Request(f"Task {i}:", Sampling(temperature=0, max_tokens=4)) for i in range(6)]
     with transformers_serve(teacher_dir, tmp_path / "s.log") as url, FaultyProxy(url, **QUIET) as flaky:
         flaky.down = True
-        t = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[flaky.url, url], dead_after=2,
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[flaky.url, url], dead_after=2,
                                         dead_cooldown=1.0, max_retries=6, max_concurrency=1, cache=None))
         try:
             assert len(t.generate(req)) == 6  # the healthy server carried them
@@ -327,12 +327,12 @@ def test_failing_endpoint_leaves_rotation_and_comes_back(teacher_dir, tmp_path):
 def test_api_key_is_sent_as_bearer_header(teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MY_TEACHER_KEY", "sk-abc123")
     with transformers_serve(teacher_dir, tmp_path / "s.log") as url, FaultyProxy(url, **QUIET) as proxy:
-        t = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], api_key_env="MY_TEACHER_KEY",
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], api_key_env="MY_TEACHER_KEY",
                                         cache=None))
         t.generate([Request("Say hi.", Sampling(temperature=0, max_tokens=3))])
         t.close()
         monkeypatch.delenv("MY_TEACHER_KEY")
-        t = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], api_key_env="MY_TEACHER_KEY",
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], api_key_env="MY_TEACHER_KEY",
                                         cache=None))
         t.generate([Request("Say hi.", Sampling(temperature=0, max_tokens=3))])
         t.close()
@@ -345,7 +345,7 @@ def test_retry_after_is_honoured_in_the_retry_loop(teacher_dir, tmp_path):
     a busy machine can only make the retry later, never earlier.)"""
     with transformers_serve(teacher_dir, tmp_path / "s2.log") as url, \
             FaultyProxy(url, every_429=2, every_500=10**9, every_hang=10**9, retry_after=2.0) as proxy:
-        t = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], max_concurrency=1,
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], max_concurrency=1,
                                         cache=None))
         for i in range(2):
             t.generate([Request(f"Say hi {i}.", Sampling(temperature=0, max_tokens=3))])
@@ -387,7 +387,7 @@ def test_prefill_and_choice_fall_back_on_a_server_without_them(teacher_dir, tmp_
     request goes again without them (once per server), and the reply is parsed as free text."""
     log = tmp_path / "s.log"
     with transformers_serve(teacher_dir, log) as url:
-        t = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[url], cache=None))
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[url], cache=None))
         prompt = "Task: Write a short poem about the ocean."
         reqs = [Request(prompt, Sampling(temperature=0, max_tokens=12), prefill="Example 1\nInput:"),
                 Request("Is it classification?", Sampling(temperature=0, max_tokens=3), choices=("Yes", "No"))]

@@ -115,11 +115,11 @@ def test_full_disk_mid_run_is_a_clear_error_and_resume_finishes(tmp_path, monkey
     from test_evol import ScriptedTeacher, evol_run
 
     from selfinstruct.errors import StorageError
-    from selfinstruct.generate.loop import _generate, recipe
+    from selfinstruct.generate.loop import generate
     from selfinstruct.records import JsonlAppender
 
     whole = evol_run(tmp_path / "a", ScriptedTeacher())
-    _generate(whole, recipe("evol"))
+    generate(whole)
 
     real = JsonlAppender.write_many
     calls = {"n": 0}
@@ -135,9 +135,9 @@ def test_full_disk_mid_run_is_a_clear_error_and_resume_finishes(tmp_path, monkey
     monkeypatch.setattr(JsonlAppender, "write_many", filling_up)
     full = evol_run(tmp_path / "b", ScriptedTeacher())
     with pytest.raises(StorageError, match="No space left on device.*--resume"):
-        _generate(full, recipe("evol"))
+        generate(full)
     monkeypatch.setattr(JsonlAppender, "write_many", real)
-    _generate(evol_run(tmp_path / "b", ScriptedTeacher()), recipe("evol"))
+    generate(evol_run(tmp_path / "b", ScriptedTeacher()))
     for name in ("generated.jsonl", "rejected.jsonl"):
         assert read_jsonl(tmp_path / "b" / "run" / name) == read_jsonl(whole.dir / name)
 
@@ -146,7 +146,7 @@ def test_unwritable_run_directory_is_a_user_error(tmp_path, monkeypatch):
     import pytest
 
     from selfinstruct.errors import UserError
-    from selfinstruct.generate.loop import make_run_dir
+    from selfinstruct.generate.run import make_run_dir
 
     def refuse(self, *a, **k):
         raise PermissionError(13, "Permission denied", str(self))

@@ -7,8 +7,9 @@ import pytest
 from selfinstruct.config import Config, EvalConfig
 from selfinstruct.errors import JudgeError
 from selfinstruct.evaluate import compare, item_score, order_score, parse_verdict, win_rate
+from selfinstruct.generators import Completion
+from selfinstruct.generators.base import Blocking
 from selfinstruct.records import read_jsonl
-from selfinstruct.teacher import Completion
 
 
 @pytest.mark.parametrize("text,verdict", [
@@ -53,7 +54,7 @@ def test_confidence_interval_hand_computed():
     assert win_rate([None])["win_rate"] is None
 
 
-class LengthJudge:
+class LengthJudge(Blocking):
     """Prefers the longer response, or always the first one; what the swap has to cope with."""
 
     name = "judge"
@@ -89,7 +90,7 @@ def test_compare_runs_both_orders(tmp_path):
     assert rows[0]["candidate_first"]["verdict"] == "A" and rows[0]["candidate_second"]["verdict"] == "B"
 
 
-class GarbleJudge:
+class GarbleJudge(Blocking):
     """Fault injection: a judge that answers every comparison with something no parser can read."""
 
     def generate(self, requests):

@@ -14,16 +14,19 @@ from collections import Counter
 import pytest
 from conftest import ROOT, cli
 
-from selfinstruct.config import EVOL_OPERATIONS, Config, EvolConfig, EvolWeights, GenerateConfig, load_config
+from selfinstruct.config import EVOL_OPERATIONS, Config, EvolConfig, EvolWeights, GenerateConfig
+from selfinstruct.configfile import load_config
 from selfinstruct.dedup import RougePool, rouge_l
 from selfinstruct.errors import TeacherError, UserError
 from selfinstruct.filters import check_evolved_response, copies_prompt_words, is_sorry_short, is_stopwords_only
 from selfinstruct.generate import evol
-from selfinstruct.generate.loop import Run, _generate, recipe
+from selfinstruct.generate.loop import generate
 from selfinstruct.generate.parse import parse_equal
+from selfinstruct.generate.run import Run
+from selfinstruct.generators import Completion
+from selfinstruct.generators.base import Blocking
 from selfinstruct.records import read_jsonl
 from selfinstruct.seeds import Instance, SeedTask
-from selfinstruct.teacher import Completion
 
 PHRASES = EvolConfig().copy_phrases
 
@@ -136,7 +139,7 @@ INPUTS = [
 TWIN = "Plan a weekend trip to the mountains with a detailed budget."
 
 
-class ScriptedTeacher:
+class ScriptedTeacher(Blocking):
     """Answers by prompt kind; `fail_after` raises on that call, like a teacher that went away."""
 
     name = "scripted"
@@ -185,7 +188,7 @@ def evol_run(tmp_path, teacher, **evol_cfg):
 
 def test_rules_lineage_and_failed_evolutions_return_to_the_pool(tmp_path):
     run = evol_run(tmp_path, ScriptedTeacher())
-    _generate(run, recipe("evol"))
+    generate(run)
     assert run.teacher.seen_top_p == {0.95, 1.0}  # WizardLM's top_p on rewrites and responses; greedy judge
     records = read_jsonl(run.dir / "generated.jsonl")
     rejected = read_jsonl(run.dir / "rejected.jsonl")
@@ -228,7 +231,7 @@ def test_evolved_near_copies_of_other_lineages_are_dropped(tmp_path):
     run.seeds = [SeedTask(id=i, instruction=t, instances=[Instance("", "x")])
                  for i, t in [("a", "Write a poem about autumn leaves, TWIN."),
                               ("b", "Give three tips for learning the guitar, TWIN.")]]
-    _generate(run, recipe("evol"))
+    generate(run)
     records = read_jsonl(run.dir / "generated.jsonl")
     rejected = read_jsonl(run.dir / "rejected.jsonl")
     assert [r["lineage"]["chain"] for r in records] == [["a"]]
@@ -237,15 +240,15 @@ def test_evolved_near_copies_of_other_lineages_are_dropped(tmp_path):
 
 def test_resume_after_a_crash_mid_round_matches_an_uninterrupted_run(tmp_path):
     whole = evol_run(tmp_path / "a", ScriptedTeacher())
-    _generate(whole, recipe("evol"))
+    generate(whole)
     # Two rounds of 3 batches; the teacher dies during the 4th batch (round 2).
     crashed = evol_run(tmp_path / "b", ScriptedTeacher(fail_after=6))
     with pytest.raises(TeacherError):
-        _generate(crashed, recipe("evol"))
+        generate(crashed)
     state = json.loads((crashed.dir / "state.json").read_text())
-    assert (state["evol_round"], state["evol_pos"]) == (1, 0)
+    assert state["recipes"]["evol"] == {"phase": "evolve", "round": 1, "pos": 0}
     resumed = evol_run(tmp_path / "b", ScriptedTeacher())
-    _generate(resumed, recipe("evol"))
+    generate(resumed)
     for name in ("generated.jsonl", "rejected.jsonl"):
         assert read_jsonl(resumed.dir / name) == read_jsonl(whole.dir / name)
 

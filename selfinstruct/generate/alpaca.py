@@ -1,6 +1,6 @@
 """Alpaca-style generation (Taori et al., 2023; tatsu-lab/stanford_alpaca), one step at a time.
 
-    step(run)   # called by loop.run_generate until the target is reached
+    step(run)   # called by loop.generate until the target is reached (RECIPES["alpaca"])
 
 A step: `request_batch_size` prompts, each showing 3 seed tasks (instruction, input, output;
 drawn with a seeded RNG from the seeds only, as the original does) and asking for 20 tasks; the
@@ -15,12 +15,11 @@ import random
 
 from selfinstruct.filters import check_instance
 from selfinstruct.generate.alerts import dominant
-from selfinstruct.generate.loop import Run
 from selfinstruct.generate.parse import parse_alpaca, parse_alpaca_json, tasks_schema
-from selfinstruct.generate.self_instruct import demo_text, list_request, public
-from selfinstruct.prompts import render, template_id
+from selfinstruct.generate.run import Run, public
+from selfinstruct.generate.self_instruct import demo_text, list_request
+from selfinstruct.generators import Request
 from selfinstruct.records import Record
-from selfinstruct.teacher import Request
 
 T_ALPACA = "alpaca/prompt.jinja"
 T_REPLY = "alpaca/prompt_reply.jinja"  # how a chat teacher's reply begins (prefilled): the next task's number
@@ -40,8 +39,9 @@ def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[str]
         tasks = rng.sample(run.seeds, n_demos)
         demos = [{"instruction": demo_text(t.instruction), "input": t.instances[0].input or "<noinput>",
                   "output": t.instances[0].output} for t in tasks]
-        prompt = render(T_ALPACA, num_tasks=acfg.num_tasks, demos=demos, json=schema is not None)
-        requests.append(list_request(prompt, acfg.sampling, rng, schema, stop, render(T_REPLY, n=n_demos + 1)))
+        prompt = run.prompts.render(T_ALPACA, num_tasks=acfg.num_tasks, demos=demos, json=schema is not None)
+        requests.append(list_request(prompt, acfg.sampling, rng, schema, stop,
+                                     run.prompts.render(T_REPLY, n=n_demos + 1)))
         parents.append([t.id for t in tasks])
     return requests, parents
 
@@ -60,7 +60,7 @@ def step(run: Run) -> None:
 
     records: list[Record] = []
     rejected: list[dict] = []
-    template, sampling = template_id(T_ALPACA), {"task": public(acfg.sampling)}
+    template, sampling = run.prompts.template_id(T_ALPACA), {"task": public(acfg.sampling)}
     json_mode = run.cfg.generate.list_format == "json"
     outcomes, replies = [], []  # per reply: "" when it gave a record, else why not
     for completions, par in zip(outs, parents, strict=True):

@@ -1,7 +1,11 @@
 """Evol-Instruct (Xu et al., 2023, arXiv 2304.12244): in-depth and in-breadth evolution over M
 rounds, with all four of the paper's elimination rules.
 
-    step(run)   # one batch of one evolution round; loop.run_generate calls it until all rounds ran
+    step(run)   # one batch of one evolution round; loop.generate calls it until all rounds ran
+
+Its state (EvolState, state.json's "evol"): the phase ("breadth": self-instruct+evol still running
+Self-Instruct; "evolve"), the round and the next slot. The lineages (slots) are built once, on
+entering the evolve phase (or on resuming in it), from the inputs and the evolutions already accepted.
 
 Inputs: every distinct instruction of --seeds (any seed format, or a generate run's accepted
 records), or, for self-instruct+evol, the instructions the Self-Instruct phase accepted. An input
@@ -31,19 +35,18 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from selfinstruct.config import EVOL_OPERATIONS, Config, EvolWeights
 from selfinstruct.dedup import normalise
 from selfinstruct.filters import check_evolved_response, copies_prompt_words
-from selfinstruct.generate.loop import Run
+from selfinstruct.generate import self_instruct
 from selfinstruct.generate.parse import parse_equal, strip_echo
-from selfinstruct.generate.self_instruct import public, seeded
-from selfinstruct.prompts import render, template_id
-from selfinstruct.records import Record, read_jsonl, user_turn
+from selfinstruct.generate.run import Run, public, records_of_run, seeded
+from selfinstruct.generators import Request
+from selfinstruct.generators.base import choice_mode
+from selfinstruct.records import Record, records_source, user_turn
 from selfinstruct.seeds import Instance, SeedTask, load_tasks
-from selfinstruct.teacher import Request
-from selfinstruct.teacher.base import choice_mode
 
 T_OPS = {op: f"evol/{op}.jinja" for op in EVOL_OPERATIONS}
 T_EQUAL = "evol/equal.jinja"
@@ -53,9 +56,6 @@ TEMPLATES = {**{t: {"instruction": "Say hello."} for t in T_OPS.values()},
              T_EQUAL: {"first": "Say hello.", "second": "Say hello in French."}, T_RESPONSE: {"instruction": "Hi."},
              T_SYSTEM: {}}
 EQUAL_CHOICES = ("Equal", "Not Equal")
-# The paper's elimination rules, by the reason names rejected.jsonl and stats.json use.
-RULES = {"no_information_gain": 1, "sorry_short_response": 2, "stopwords_only_response": 3,
-         "copies_prompt_words": 4}
 
 
 @dataclass
@@ -75,6 +75,24 @@ class Slot:
         self.text = text
 
 
+@dataclass
+class EvolState:
+    """Evol-Instruct's part of state.json. `slots` is not saved: it is rebuilt from the files (enter)."""
+
+    KEY: ClassVar[str] = "evol"
+    phase: str = "breadth"  # "breadth" (self-instruct+evol's Self-Instruct phase) or "evolve"
+    round: int = 0  # rounds finished
+    pos: int = 0  # the next slot of the current round
+    slots: list[Slot] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"phase": self.phase, "round": self.round, "pos": self.pos}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvolState:
+        return cls(**data)
+
+
 def choose_operation(weights: EvolWeights, rng: random.Random) -> str:
     return rng.choices(EVOL_OPERATIONS, weights=[getattr(weights, op) for op in EVOL_OPERATIONS])[0]
 
@@ -87,10 +105,7 @@ def operation_for(cfg: Config, evol_round: int, slot: int) -> str:
 
 def input_tasks(path: str | Path) -> list[SeedTask]:
     """What `--method evol` evolves: a generate run's accepted records, or any seed file or directory."""
-    p = Path(path)
-    if p.is_dir() and (p / "generated.jsonl").exists():
-        p = p / "generated.jsonl"
-    return load_tasks(p)
+    return load_tasks(records_source(path))
 
 
 def make_slots(cfg: Config, tasks: list[SeedTask]) -> list[Slot]:
@@ -111,30 +126,40 @@ def make_slots(cfg: Config, tasks: list[SeedTask]) -> list[Slot]:
     return slots
 
 
-def ensure_slots(run: Run) -> list[Slot]:
-    """The slots, rebuilt from the inputs and the evolutions already in generated.jsonl (on resume)."""
-    if run.slots is not None:
-        return run.slots
-    records = read_jsonl(run.dir / "generated.jsonl") if (run.dir / "generated.jsonl").exists() else []
-    if run.cfg.generate.method == "evol":
-        tasks = run.seeds
-    else:  # self-instruct+evol: what the Self-Instruct phase accepted
-        tasks = [SeedTask(id=r["id"], instruction=r["instruction"], instances=[Instance(r["input"], r["output"])])
-                 for r in records if not r["method"].startswith("evol:")]
-    run.slots = make_slots(run.cfg, tasks)
-    for r in records:
+def breadth_tasks(run: Run) -> list[SeedTask]:
+    """self-instruct+evol's inputs: what its Self-Instruct phase accepted."""
+    return [SeedTask(id=r["id"], instruction=r["instruction"], instances=[Instance(r["input"], r["output"])])
+            for r in records_of_run(run) if not r["method"].startswith("evol:")]
+
+
+def enter(run: Run, inputs: list[SeedTask]) -> EvolState:
+    """Enter the evolve phase: one slot per input, advanced by the evolutions already accepted (a resume)."""
+    st = run.state(EvolState)
+    st.phase, st.slots = "evolve", make_slots(run.cfg, inputs)
+    for r in records_of_run(run):
         if r["method"].startswith("evol:"):
-            run.slots[r["lineage"]["slot"]].advance(r["id"], r["lineage"]["operations"][-1], r["instruction"])
-    return run.slots
+            st.slots[r["lineage"]["slot"]].advance(r["id"], r["lineage"]["operations"][-1], r["instruction"])
+    return st
 
 
-def rewrite_requests(run: Run, evol_round: int, start: int, end: int) -> tuple[list[Request], list[str]]:
+def start(run: Run) -> None:
+    """--method evol: evolve the inputs from the first step."""
+    enter(run, run.seeds)
+
+
+def start_combined(run: Run) -> None:
+    """self-instruct+evol: a run resumed in its evolve phase rebuilds its lineages now."""
+    if run.state(EvolState).phase == "evolve":
+        enter(run, breadth_tasks(run))
+
+
+def rewrite_requests(run: Run, slots: list[Slot], evol_round: int, start: int, end: int,
+                     system: str) -> tuple[list[Request], list[str]]:
     """The rewrite requests of slots [start, end) in one round, and their operations."""
     ecfg = run.cfg.generate.evol
     rng = random.Random(f"{run.cfg.generate.seed}-evol-{evol_round}-{start}")
     ops = [operation_for(run.cfg, evol_round, k) for k in range(start, end)]
-    system = render(T_SYSTEM).strip()
-    requests = [Request(render(T_OPS[op], instruction=run.slots[k].text), seeded(ecfg.evolve_sampling, rng),
+    requests = [Request(run.prompts.render(T_OPS[op], instruction=slots[k].text), seeded(ecfg.evolve_sampling, rng),
                         system=system) for k, op in zip(range(start, end), ops, strict=True)]
     return requests, ops
 
@@ -157,17 +182,20 @@ def screen(run: Run, slot: Slot, text: str, truncated: bool) -> tuple[str, dict[
 
 def step(run: Run) -> None:
     ecfg, seed = run.cfg.generate.evol, run.cfg.generate.seed
-    slots = ensure_slots(run)
+    st = run.state(EvolState)
+    slots = st.slots
     if not slots:
-        run.evol_round = ecfg.rounds
+        st.round = ecfg.rounds
         return
-    r, start = run.evol_round, run.evol_pos
+    r, start = st.round, st.pos
     end = min(start + ecfg.batch_size, len(slots))
-    requests, ops = rewrite_requests(run, r, start, end)
+    system = run.prompts.render(T_SYSTEM).strip()
+    requests, ops = rewrite_requests(run, slots, r, start, end, system)
     # The next batch of the same round rewrites other slots, so it can be in flight already.
     run.prefetch(run.step, requests)
     if end < len(slots):
-        run.prefetch(run.step + 1, rewrite_requests(run, r, end, min(end + ecfg.batch_size, len(slots)))[0])
+        run.prefetch(run.step + 1,
+                     rewrite_requests(run, slots, r, end, min(end + ecfg.batch_size, len(slots)), system)[0])
     outs = run.fetch(run.step, requests)
     run.step += 1
     run.counts["requests/evolve"] += len(requests)
@@ -189,11 +217,10 @@ def step(run: Run) -> None:
     run.alert("evolve", outcomes, [o[0].text for o in outs])
 
     rng = random.Random(f"{seed}-evol-{r}-{start}-answers")
-    asks = [Request(render(T_EQUAL, first=slots[k].text, second=text), seeded(ecfg.equality_sampling, rng),
-                    choices=EQUAL_CHOICES) for k, _, text, _ in cands]
-    system = render(T_SYSTEM).strip()
-    asks += [Request(render(T_RESPONSE, instruction=text), seeded(ecfg.response_sampling, rng), system=system)
-             for _, _, text, _ in cands]
+    asks = [Request(run.prompts.render(T_EQUAL, first=slots[k].text, second=text),
+                    seeded(ecfg.equality_sampling, rng), choices=EQUAL_CHOICES) for k, _, text, _ in cands]
+    asks += [Request(run.prompts.render(T_RESPONSE, instruction=text), seeded(ecfg.response_sampling, rng),
+                     system=system) for _, _, text, _ in cands]
     answers = run.teacher.generate(asks) if asks else []
     run.counts["requests/equality"] += len(cands)
     run.counts["requests/response"] += len(cands)
@@ -202,7 +229,8 @@ def step(run: Run) -> None:
     mode = choice_mode(run.teacher)
     answered: list[str] = []  # per survivor of the cheap checks: "" when it became a record, else why not
     sampling = {"evolve": public(ecfg.evolve_sampling), "response": public(ecfg.response_sampling)}
-    templates = {op: f"{template_id(T_OPS[op])}+{template_id(T_RESPONSE)}" for op in set(ops)}
+    templates = {op: f"{run.prompts.template_id(T_OPS[op])}+{run.prompts.template_id(T_RESPONSE)}"
+                 for op in set(ops)}
     for (k, op, text, extra), judged, resp in zip(cands, answers[:len(cands)], answers[len(cands):], strict=True):
         slot, c = slots[k], resp[0]
         equal = parse_equal(judged[0].text)
@@ -236,35 +264,41 @@ def step(run: Run) -> None:
     run.counts["evolved"] += len(records)
     run.accept(records)
     run.reject(rejected)
-    run.evol_pos = end
+    st.pos = end
     if end >= len(slots):
-        run.evol_round, run.evol_pos = r + 1, 0
-
-
-def _breadth_phase(run: Run) -> bool:
-    """self-instruct+evol, still generating: Self-Instruct until num_instructions are accepted."""
-    return run.cfg.generate.method == "self-instruct+evol" and run.slots is None \
-        and run.accepted_instructions < run.cfg.generate.num_instructions
+        st.round, st.pos = r + 1, 0
 
 
 def done(run: Run) -> bool:
-    return not _breadth_phase(run) and run.evol_round >= run.cfg.generate.evol.rounds
+    st = run.state(EvolState)
+    return st.phase == "evolve" and st.round >= run.cfg.generate.evol.rounds
 
 
 def progress(run: Run) -> tuple[str, int, int]:
     """(what, done, total) for the progress bar."""
-    gcfg = run.cfg.generate
-    if _breadth_phase(run):
-        return "instructions", run.accepted_instructions, gcfg.num_instructions
-    n = len(ensure_slots(run))
-    return "evolutions", run.evol_round * n + run.evol_pos, gcfg.evol.rounds * n
+    st = run.state(EvolState)
+    if st.phase == "breadth":
+        return "instructions", run.accepted_instructions, run.cfg.generate.num_instructions
+    n = len(st.slots)
+    return "evolutions", st.round * n + st.pos, run.cfg.generate.evol.rounds * n
 
 
 def combined_step(run: Run) -> None:
     """self-instruct+evol: Self-Instruct until num_instructions are accepted, then evolve them."""
-    from selfinstruct.generate import self_instruct
-
-    if _breadth_phase(run):
-        self_instruct.step(run)
-    else:
+    st = run.state(EvolState)
+    if st.phase == "evolve":
         step(run)
+        return
+    if not run.target_reached:
+        self_instruct.step(run)
+    if run.target_reached:
+        enter(run, breadth_tasks(run))
+
+
+def stats(run: Run, records: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> dict[str, Any]:
+    """stats.json's "evol" section (a run stopped in its breadth phase counts what it would have evolved)."""
+    from selfinstruct.stats import evol_stats
+
+    st = run.state(EvolState)
+    slots = st.slots if st.slots is not None else make_slots(run.cfg, breadth_tasks(run))
+    return {"evol": evol_stats(records, rejected, [s.root for s in slots], run.cfg.generate.evol.rounds)}

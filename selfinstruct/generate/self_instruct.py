@@ -1,6 +1,6 @@
 """Self-Instruct (Wang et al., 2023, arXiv 2212.10560), one step at a time.
 
-    step(run)   # called by loop.run_generate until the target is reached
+    step(run)   # called by loop.generate until the target is reached (RECIPES["self-instruct"])
 
 A step: `request_batch_size` prompts of 8 demo instructions (6 human + 2 machine, seeded draw;
 the machine demos come from instructions accepted before the previous step finished, so the next
@@ -12,14 +12,14 @@ step's prompts can be sent while this one generates instances)
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from selfinstruct.config import Sampling
 from selfinstruct.filters import clean_instances
 from selfinstruct.generate.alerts import dominant
-from selfinstruct.generate.loop import Run
 from selfinstruct.generate.parse import (
     instructions_schema,
     parse_instances,
@@ -27,10 +27,10 @@ from selfinstruct.generate.parse import (
     parse_instructions_json,
     parse_yes_no,
 )
-from selfinstruct.prompts import render, template_id
+from selfinstruct.generate.run import Run, public, seeded
+from selfinstruct.generators import Request
+from selfinstruct.generators.base import choice_mode
 from selfinstruct.records import Record
-from selfinstruct.teacher import Request
-from selfinstruct.teacher.base import choice_mode
 
 T_INSTRUCTIONS = "self_instruct/instructions.jinja"
 T_CLASSIFY = "self_instruct/is_classification.jinja"
@@ -49,6 +49,22 @@ TEMPLATES = {T_INSTRUCTIONS: {"instructions": ["Say hello.", "Add two numbers."]
              REPLY[T_INPUT_FIRST]: {}, REPLY[T_OUTPUT_FIRST]: {}}
 
 
+@dataclass
+class SelfInstructState:
+    """Machine instructions the next step's prompts may show: those accepted before the previous step
+    finished (so the next step's prompts can be built, and sent, while this one generates instances)."""
+
+    KEY: ClassVar[str] = "self_instruct"
+    demo_pool_size: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"demo_pool_size": self.demo_pool_size}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SelfInstructState:
+        return cls(**data)
+
+
 def sample_demos(rng: random.Random, human: list[tuple[str, str]], machine: list[tuple[str, str]],
                  k: int, k_machine: int) -> list[tuple[str, str]]:
     """k demos: up to k_machine machine-generated ones, the rest human, in random order."""
@@ -61,10 +77,6 @@ def sample_demos(rng: random.Random, human: list[tuple[str, str]], machine: list
 def demo_text(instruction: str) -> str:
     """A demonstration as the original code shows it: whitespace collapsed, no trailing colon."""
     return re.sub(r"\s+", " ", instruction).strip().rstrip(":")
-
-
-def seeded(s: Sampling, rng: random.Random, **changes: object) -> Sampling:
-    return dataclasses.replace(s, seed=rng.getrandbits(31), **changes)
 
 
 def list_request(prompt: str, sampling: Sampling, rng: random.Random, schema: dict | None, stop: list[str],
@@ -83,17 +95,18 @@ def instruction_requests(run: Run, step_no: int) -> tuple[random.Random, list[Re
     cfg = run.cfg.generate
     rng = random.Random(f"{cfg.seed}-{step_no}")
     human = [(s.instruction, s.id) for s in run.seeds]
-    machine = run.machine[: run.demo_pool_size]
+    machine = run.machine[: run.state(SelfInstructState).demo_pool_size]
     json_mode = cfg.list_format == "json"
     requests, parents = [], []
     for _ in range(cfg.request_batch_size):
         demos = sample_demos(rng, human, machine, cfg.num_prompt_instructions, cfg.num_machine_demos)
         max_items = max(1, LIST_END - 1 - len(demos))
-        prompt = render(T_INSTRUCTIONS, instructions=[demo_text(t) for t, _ in demos], json=json_mode,
+        prompt = run.prompts.render(T_INSTRUCTIONS, instructions=[demo_text(t) for t, _ in demos], json=json_mode,
                         max_items=max_items)
         requests.append(list_request(prompt, cfg.instruction_sampling, rng,
                                      instructions_schema(max_items) if json_mode else None,
-                                     cfg.instruction_sampling.stop, render(REPLY[T_INSTRUCTIONS], n=len(demos) + 1)))
+                                     cfg.instruction_sampling.stop,
+                                     run.prompts.render(REPLY[T_INSTRUCTIONS], n=len(demos) + 1)))
         parents.append([i for _, i in demos])
     return rng, requests, parents
 
@@ -133,13 +146,13 @@ def step(run: Run) -> None:
 
     # The next step's prompts may show the machine instructions accepted so far; build them now and,
     # where the teacher serves concurrent calls, send them while this step finishes.
-    run.demo_pool_size = len(run.machine)
+    run.state(SelfInstructState).demo_pool_size = len(run.machine)
     if run.accepted_instructions + len(fresh) < cfg.num_instructions:
         run.prefetch(run.step, instruction_requests(run, run.step)[1])
 
     # 3. Classification or not (decides output-first vs input-first instance generation).
     answers = run.teacher.generate(  # a choice of Yes / No where the backend can enforce one
-        [Request(render(T_CLASSIFY, instruction=i), seeded(cfg.classify_sampling, rng), choices=YES_NO)
+        [Request(run.prompts.render(T_CLASSIFY, instruction=i), seeded(cfg.classify_sampling, rng), choices=YES_NO)
          for i, _, _ in fresh])
     run.counts["requests/classify"] += len(fresh)
     verdicts = [parse_yes_no(a[0].text) for a in answers]
@@ -151,15 +164,17 @@ def step(run: Run) -> None:
     # 4. Instances.
     stop = list(cfg.instance_sampling.stop) + [f"Example {cfg.max_instances + 1}"]
     inst_requests = [
-        Request(render(t, instruction=i), seeded(cfg.instance_sampling, rng, stop=stop), prefill=render(REPLY[t]))
+        Request(run.prompts.render(t, instruction=i), seeded(cfg.instance_sampling, rng, stop=stop),
+                prefill=run.prompts.render(REPLY[t]))
         for (i, _, _), clf in zip(fresh, is_clf, strict=True) for t in [T_OUTPUT_FIRST if clf else T_INPUT_FIRST]]
     inst_outs = run.teacher.generate(inst_requests)
     run.counts["requests/instances"] += len(inst_requests)
 
     records: list[Record] = []
     mode = choice_mode(run.teacher)
-    t_instr = template_id(T_INSTRUCTIONS)
-    templates = {clf: f"{t_instr}+{template_id(T_OUTPUT_FIRST if clf else T_INPUT_FIRST)}" for clf in (False, True)}
+    t_instr = run.prompts.template_id(T_INSTRUCTIONS)
+    templates = {clf: f"{t_instr}+{run.prompts.template_id(T_OUTPUT_FIRST if clf else T_INPUT_FIRST)}"
+                 for clf in (False, True)}
     sampling = {"instruction": public(cfg.instruction_sampling), "instance": public(cfg.instance_sampling)}
     outcomes = []
     for (instr, par, score), clf, out in zip(fresh, is_clf, inst_outs, strict=True):
@@ -195,9 +210,3 @@ def step(run: Run) -> None:
     run.reject(rejected)
     run.stalled_requests = 0 if records else run.stalled_requests + len(requests)
 
-
-def public(s: Sampling) -> dict:
-    """Sampling parameters as recorded on a record (the per-request seed is not)."""
-    d = dataclasses.asdict(s)
-    d.pop("seed")
-    return d

@@ -1,6 +1,6 @@
 """In-process vLLM backend: a whole generation step in one `LLM.generate` / `LLM.chat` call.
 
-    teacher = VLLMTeacher(TeacherConfig(backend="vllm", model="Qwen/Qwen2.5-7B-Instruct", tensor_parallel_size=2))
+    teacher = VLLMGenerator(TeacherConfig(backend="vllm", model="Qwen/Qwen2.5-7B-Instruct", tensor_parallel_size=2))
 
 vLLM batches continuously, so it is only fast when it sees every request of a step at once: we
 pass them all, each with its own SamplingParams (seeds differ per request). `max_tokens` is always
@@ -32,7 +32,8 @@ from rich.console import Console
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import UserError
-from selfinstruct.teacher.base import (
+from selfinstruct.generators.base import (
+    Blocking,
     Completion,
     Request,
     choice_budget,
@@ -127,7 +128,7 @@ def to_completions(output: Any, stop: list[str]) -> list[Completion]:
     return out
 
 
-class VLLMTeacher:
+class VLLMGenerator(Blocking):
     enforces_choices = True  # structured outputs: the answer is one of the choices, nothing else
 
     def __init__(self, cfg: TeacherConfig, llm: Any = None):

@@ -1,6 +1,6 @@
 """OpenAI-compatible backend: `vllm serve`, `transformers serve`, or a hosted endpoint.
 
-    teacher = OpenAITeacher(TeacherConfig(backend="openai", model="m", base_urls=["http://127.0.0.1:8000/v1"]))
+    teacher = OpenAIGenerator(TeacherConfig(backend="openai", model="m", base_urls=["http://127.0.0.1:8000/v1"]))
 
 - One asyncio loop in a background thread runs every request, so `max_concurrency` bounds what is
   in flight across all callers (a step and the next step's prefetch), over one connection pool.
@@ -38,7 +38,7 @@ import aiohttp
 
 from selfinstruct.config import TeacherConfig
 from selfinstruct.errors import TeacherError, UserError
-from selfinstruct.teacher.base import Completion, Request, choice_budget, cut_at_stop, teacher_name, with_prefill
+from selfinstruct.generators.base import Completion, Request, choice_budget, cut_at_stop, teacher_name, with_prefill
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 # Request fields some servers lack (vLLM has all three; transformers serve none): a 4xx naming one turns it
@@ -79,7 +79,7 @@ class Endpoint:
         self.rejects_structured_outputs = False
 
 
-class OpenAITeacher:
+class OpenAIGenerator:
     concurrent = True
     enforces_choices = False  # asked for (structured_outputs), but a server may ignore it: answers are parsed
 

@@ -1,6 +1,6 @@
 """In-process transformers backend: batched `generate` on CPU or one GPU. The CPU default and test path.
 
-    teacher = HFTeacher(TeacherConfig(model="Qwen/Qwen2.5-1.5B-Instruct"))
+    teacher = HFGenerator(TeacherConfig(model="Qwen/Qwen2.5-1.5B-Instruct"))
 """
 
 from __future__ import annotations
@@ -12,8 +12,16 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from selfinstruct.config import Sampling, TeacherConfig
+from selfinstruct.generators.base import (
+    Blocking,
+    Completion,
+    Request,
+    cut_at_stop,
+    teacher_name,
+    use_chat,
+    with_prefill,
+)
 from selfinstruct.modeling import load_model_and_tokenizer
-from selfinstruct.teacher.base import Completion, Request, cut_at_stop, teacher_name, use_chat, with_prefill
 
 
 class _Penalties(LogitsProcessor):
@@ -30,7 +38,7 @@ class _Penalties(LogitsProcessor):
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
 
 
-class HFTeacher:
+class HFGenerator(Blocking):
     """Groups requests with equal sampling parameters and generates them in length-sorted batches."""
 
     enforces_choices = True  # a request with choices gets the most likely one (_choose)

@@ -1,6 +1,6 @@
 """A persistent response cache in front of any teacher: a re-run or a resumed run pays for nothing twice.
 
-    teacher = CachedTeacher(OpenAITeacher(cfg), ResponseCache("~/.cache/selfinstruct/responses.sqlite"))
+    teacher = CachedGenerator(OpenAIGenerator(cfg), ResponseCache("~/.cache/selfinstruct/responses.sqlite"))
 
 Key: sha256 of (model, chat or completion, prompt, system message and reply prefill if any, JSON
 schema, sampling parameters without `n`, sample index). Without `n` and with the index, asking for 5
@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from selfinstruct.teacher.base import Completion, Request, Teacher
+from selfinstruct.generators.base import Completion, Generator, Request, finished
 
 
 def cache_key(model: str, chat: bool, req: Request, sample: int) -> str:
@@ -70,24 +70,22 @@ class ResponseCache:
             self._db.close()
 
 
-class CachedTeacher:
+class CachedGenerator:
     """Answers what the cache knows; asks the inner teacher for requests with any sample missing."""
 
-    def __init__(self, inner: Teacher, cache: ResponseCache):
+    def __init__(self, inner: Generator, cache: ResponseCache):
         self.inner, self.cache = inner, cache
-        self.name = inner.name
-        self.concurrent = getattr(inner, "concurrent", False)
-        self.enforces_choices = getattr(inner, "enforces_choices", False)
+        self.name, self.chat = inner.name, inner.chat
+        self.concurrent, self.enforces_choices = inner.concurrent, inner.enforces_choices
         self.hits = self.misses = 0
         self._pool = ThreadPoolExecutor(1) if self.concurrent else None
 
     @property
     def stats(self) -> dict:
-        return {**getattr(self.inner, "stats", {}), "cache_hits": self.hits, "cache_misses": self.misses}
+        return {**self.inner.stats, "cache_hits": self.hits, "cache_misses": self.misses}
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
-        chat = getattr(self.inner, "chat", True)
-        keys = [[cache_key(self.name, chat, r, k) for k in range(r.sampling.n)] for r in requests]
+        keys = [[cache_key(self.name, self.chat, r, k) for k in range(r.sampling.n)] for r in requests]
         found = self.cache.get_many([k for ks in keys for k in ks])
         missing = [i for i, ks in enumerate(keys) if any(k not in found for k in ks)]
         self.hits += len(requests) - len(missing)
@@ -102,8 +100,8 @@ class CachedTeacher:
         return [[found[k] for k in ks] for ks in keys]
 
     def submit(self, requests: list[Request]) -> Future:
-        """Start `generate` in the background (backends that serve concurrent calls only)."""
-        return self._pool.submit(self.generate, requests)
+        """`generate` in the background where the inner backend serves concurrent calls; else done now."""
+        return self._pool.submit(self.generate, requests) if self._pool else finished(self.generate, requests)
 
     def close(self) -> None:
         if self._pool is not None:

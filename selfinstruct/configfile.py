@@ -1,0 +1,161 @@
+"""Reading a config: defaults, then a YAML or TOML file, then CLI overrides, built onto the schema in
+config.py. Every mistake names the file and the line of the key at fault.
+
+    cfg = load_config("my.yaml", {"teacher.model": "Qwen/Qwen2.5-7B-Instruct"})
+
+Nothing outside this module and cli.py reads argv or config files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfinstruct.config import Config, ConfigValueError
+from selfinstruct.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the file (YAML or TOML), then `overrides` ({"section.key": value}); validated."""
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    if path is not None:
+        data, lines = _read_file(Path(path))
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+        lines.pop(dotted, None)  # a flag, not the file, is now responsible for this value
+    try:
+        return _build(Config, data, "", lines, path)
+    except ConfigValueError as e:  # raised by __post_init__ of a section we could not name more precisely
+        raise UserError(str(e), path) from None
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError("config file not found", path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file: {e}", path) from None
+    if path.suffix == ".toml":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            m = re.search(r"line (\d+)", str(e))
+            raise UserError(f"invalid TOML: {e}", path, int(m.group(1)) if m else None) from None
+        lines = _toml_key_lines(text)
+    elif path.suffix in (".yaml", ".yml"):
+        try:
+            node = yaml.compose(text)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            raise UserError(f"invalid YAML: {getattr(e, 'problem', e)}", path,
+                            mark.line + 1 if mark else None) from None
+        lines = _yaml_key_lines(node, "") if node is not None else {}
+    else:
+        raise UserError("config files must end in .yaml, .yml or .toml", path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError("the config must be a mapping of sections (teacher, generate, filters, train, eval, "
+                        "rounds)", path, 1)
+    return data, lines
+
+
+def _yaml_key_lines(node: yaml.Node, prefix: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            dotted = f"{prefix}{key_node.value}"
+            out[dotted] = key_node.start_mark.line + 1
+            out.update(_yaml_key_lines(value_node, dotted + "."))
+    return out
+
+
+def _toml_key_lines(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    table = ""
+    for no, line in enumerate(text.splitlines(), 1):
+        if m := re.match(r"\s*\[\s*([\w.\- ]+?)\s*\]", line):
+            table = m.group(1).replace(" ", "") + "."
+            out[table[:-1]] = no
+        elif m := re.match(r"\s*([\w\-.]+)\s*=", line):
+            out[table + m.group(1)] = no
+    return out
+
+
+def _build(cls: type, data: Any, prefix: str, lines: dict[str, int], path: Any) -> Any:
+    where = prefix[:-1] or "the config"
+    if not isinstance(data, dict):
+        raise UserError(f"'{where}' must be a mapping, got {type(data).__name__}", path, lines.get(prefix[:-1]))
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise UserError(f"unknown key '{prefix}{key}' (known: {', '.join(known)})", path,
+                            lines.get(prefix + str(key)))
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        dotted = prefix + name
+        values[name] = _coerce(value, hints[name], known[name].metadata.get("choices"), dotted, lines, path)
+    try:
+        return cls(**values)
+    except ConfigValueError as e:
+        raise UserError(f"'{prefix}{e.key}': {str(e).split(': ', 1)[1]}", path,
+                        lines.get(prefix + e.key)) from None
+
+
+def _coerce(value: Any, hint: Any, choices: Any, dotted: str, lines: dict[str, int], path: Any) -> Any:
+    line = lines.get(dotted)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, dotted + ".", lines, path)
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    bad = f"'{dotted}' must be {_type_name(hint)}, got {value!r}"
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):  # a single string where a list is expected: accept it as a 1-list
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
+            raise UserError(bad, path, line)
+        return list(value)
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise UserError(bad, path, line)
+    if choices and value not in choices:
+        raise UserError(f"'{dotted}' must be one of {', '.join(choices)}, got {value!r}", path, line)
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {typing.get_args(hint)[0].__name__}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))

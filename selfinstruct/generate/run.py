@@ -1,0 +1,257 @@
+"""The run core: a generate run's directory, its durable appends and counters, the ROUGE-L pool, screening
+and checkpointing. It knows no recipe; each recipe keeps its own state in a small dataclass that it
+serialises itself under its own key of state.json ("recipes": {KEY: ...}).
+
+    run = Run(dir=out, cfg=cfg, teacher=gen, seeds=seeds)
+    restore(run)                 # cut what a crash left past the checkpoint; counters, pool, recipe states
+    run.open()
+    ... a recipe's step: run.fetch / run.screen / run.accept / run.reject, then run.checkpoint()
+
+Layout of a run directory:
+    config.yaml       the resolved config          generated.jsonl   accepted records (append + fsync)
+    rejected.jsonl    rejected candidates + reason  state.json        counters and step, per batch
+    stats.json        the final counts              dataset/          HF datasets DatasetDict (train/test)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+from collections import Counter
+from collections.abc import Collection
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+from selfinstruct.config import Config, Sampling
+from selfinstruct.dedup import RougePool
+from selfinstruct.errors import UserError
+from selfinstruct.filters import check_evolved_instruction, check_instruction, is_rouge_similar
+from selfinstruct.generate.alerts import raise_alert, uniform_failure
+from selfinstruct.generators import Completion, Generator, Request
+from selfinstruct.prompts import OURS, Prompts
+from selfinstruct.records import JsonlAppender, Record, read_jsonl, read_rows, records_source, write_json
+from selfinstruct.seeds import SeedTask, record_text
+
+OUTPUT_FILES = ("generated.jsonl", "rejected.jsonl")
+
+
+class RecipeState(Protocol):
+    """A recipe's own part of state.json: what it needs, beyond the core's counters, to resume exactly."""
+
+    KEY: ClassVar[str]
+
+    def to_json(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RecipeState: ...
+
+
+S = TypeVar("S", bound=RecipeState)
+
+
+@dataclass
+class Run:
+    """Everything a recipe step reads and writes. The core's counters and each recipe's state are
+    checkpointed to state.json after every step."""
+
+    dir: Path
+    cfg: Config
+    teacher: Generator
+    seeds: list[SeedTask]
+    extra_pool: list[str] = field(default_factory=list)  # instructions of generate.dedup_against
+    prompts: Prompts = OURS
+    round: int = 1
+    pool: RougePool = field(default_factory=RougePool)
+    machine: list[tuple[str, str]] = field(default_factory=list)  # (instruction, first record id)
+    counts: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    step: int = 0
+    stalled_requests: int = 0
+    n_records: int = 0
+    alerts: dict[str, dict[str, Any]] = field(default_factory=dict)  # stages that came to nothing (alerts.py)
+    last_alert: str = ""
+    states: dict[str, RecipeState] = field(default_factory=dict)  # by KEY, made on first use
+    saved: dict[str, dict[str, Any]] = field(default_factory=dict)  # state.json's recipe states, not yet loaded
+    _accepted: JsonlAppender | None = None
+    _rejected: JsonlAppender | None = None
+    _prefetched: dict[int, tuple[list[Request], Future]] = field(default_factory=dict)
+
+    def state(self, cls: type[S]) -> S:
+        """The recipe state of type `cls`: the one in use, else the checkpointed one, else a fresh one."""
+        st = self.states.get(cls.KEY)
+        if st is None:
+            st = self.states[cls.KEY] = cls.from_json(self.saved.get(cls.KEY, {}))
+        return st  # type: ignore[return-value]
+
+    def open(self) -> None:
+        self._accepted = JsonlAppender(self.dir / "generated.jsonl")
+        self._rejected = JsonlAppender(self.dir / "rejected.jsonl")
+
+    def close(self) -> None:
+        for f in (self._accepted, self._rejected):
+            if f is not None:
+                f.close()
+        for requests, future in self._prefetched.values():  # the run ended first; answers stay cached
+            self.counts["prefetched_unused"] += len(requests)
+            with contextlib.suppress(Exception):
+                future.result()
+        self._prefetched.clear()
+
+    def prefetch(self, step: int, requests: list[Request]) -> None:
+        """Send step `step`'s requests now, where the teacher serves concurrent calls, so it never
+        idles while the current step filters and writes."""
+        if self.teacher.concurrent and step not in self._prefetched:
+            self.counts["prefetched"] += len(requests)
+            self._prefetched[step] = (requests, self.teacher.submit(requests))
+
+    def fetch(self, step: int, requests: list[Request]) -> list[list[Completion]]:
+        """The answers to `requests`: from a prefetch if it asked exactly these, else from the teacher."""
+        sent = self._prefetched.pop(step, None)
+        if sent is not None and sent[0] == requests:
+            self.counts["prefetched_used"] += len(requests)
+            return sent[1].result()
+        if sent is not None:
+            self.counts["prefetched_unused"] += len(sent[0])
+        return self.teacher.generate(requests)
+
+    def alert(self, stage: str, outcomes: list[str], replies: list[str]) -> None:
+        """Say so when every candidate of `stage` in this step failed for one reason ("" = a success)."""
+        reason = uniform_failure(outcomes)
+        if reason is not None:
+            self.last_alert = raise_alert(self.alerts, stage, reason, len(outcomes), replies)
+
+    def next_id(self) -> str:
+        self.n_records += 1
+        return f"r{self.round}-{self.n_records:06d}"
+
+    def reject(self, rows: list[dict[str, Any]]) -> None:
+        """Each row needs `stage` and `reason`; they are written and counted."""
+        for r in rows:
+            self.reasons[r["reason"]] += 1
+        self._rejected.write_many(rows)
+
+    def accept(self, records: list[Record]) -> None:
+        self._accepted.write_many([r.to_json() for r in records])
+
+    def checkpoint(self) -> None:
+        """After a step's appends are fsynced: the step, counters, recipe states and file sizes that belong
+        together."""
+        recipes = {**self.saved, **{k: s.to_json() for k, s in self.states.items()}}
+        write_json(self.dir / "state.json", {
+            "step": self.step, "stalled_requests": self.stalled_requests, "n_records": self.n_records,
+            "counts": dict(self.counts), "reasons": dict(self.reasons), "alerts": self.alerts, "recipes": recipes,
+            "sizes": {name: (self.dir / name).stat().st_size for name in OUTPUT_FILES}})
+
+    def screen(self, instruction: str, n_fresh: int | None, exclude: Collection[int] = (),
+               instruction_filters: bool = True) -> tuple[bool, str, dict[str, Any]]:
+        """Self-Instruct's instruction filters (unless `instruction_filters` is off: evolved instructions),
+        then ROUGE-L against the pool (leaving out the indices in `exclude`), then the target cap
+        (`n_fresh`: instructions this step has kept so far; None: no cap). A kept instruction joins the
+        pool at once, so later candidates of the same step see it; its pool position is returned as
+        extra["pool_index"]."""
+        check = (lambda t: check_instruction(t, self.cfg.filters)) if instruction_filters else check_evolved_instruction
+        ok, reason = check(instruction)
+        if not ok:
+            return False, reason, {}
+        score, j = self.pool.best(instruction, exclude)
+        extra = {"rouge_max": round(score, 4), "nearest": self.pool.texts[j] if j >= 0 else ""}
+        if is_rouge_similar(score, self.cfg.filters):
+            return False, "rouge_similar", extra
+        if n_fresh is not None and self.accepted_instructions + n_fresh >= self.cfg.generate.num_instructions:
+            return False, "over_target", extra
+        self.pool.add(instruction)
+        return True, "", {**extra, "pool_index": len(self.pool) - 1}
+
+    @property
+    def accepted_instructions(self) -> int:
+        return len(self.machine)
+
+    @property
+    def target_reached(self) -> bool:
+        return self.accepted_instructions >= self.cfg.generate.num_instructions
+
+
+def restore(run: Run) -> None:
+    """Rebuild the in-memory state of an interrupted run from its files (nothing, for a new run)."""
+    for s in run.seeds:
+        run.pool.add(s.instruction)
+    for text in run.extra_pool:
+        run.pool.add(text)
+    state_path = run.dir / "state.json"
+    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
+    # Rows appended after the last checkpoint belong to a step that did not finish: cut them, the
+    # step is redone with the same seeds.
+    for name in OUTPUT_FILES:
+        path = run.dir / name
+        keep = state["sizes"][name] if state else 0
+        if path.exists() and path.stat().st_size > keep:
+            with path.open("r+b") as fh:
+                fh.truncate(keep)
+    if state is None:
+        return
+    run.step, run.stalled_requests = state["step"], state["stalled_requests"]
+    run.counts, run.reasons = Counter(state["counts"]), Counter(state["reasons"])
+    run.alerts = state.get("alerts", {})
+    run.saved = state.get("recipes", {})
+    records = read_jsonl(run.dir / "generated.jsonl")
+    run.n_records = len(records)
+    for rec in records:
+        if not run.machine or run.machine[-1][0] != rec["instruction"]:
+            run.machine.append((rec["instruction"], rec["id"]))
+            run.pool.add(rec["instruction"])
+    for rej in read_jsonl(run.dir / "rejected.jsonl"):
+        if rej.get("in_pool"):
+            run.pool.add(rej["instruction"])
+
+
+def records_of_run(run: Run) -> list[dict[str, Any]]:
+    """The run's accepted records so far (generated.jsonl; none yet on a fresh run)."""
+    path = run.dir / "generated.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+
+def pool_texts(paths: list[str]) -> list[str]:
+    """Instructions of other data (files, or run directories' generated.jsonl) for the ROUGE-L pool."""
+    return [record_text(row, f, line) for p in paths for f, line, row in read_rows(records_source(p))]
+
+
+def default_run_dir(method: str) -> Path:
+    return Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-{method}"
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    """Refuse to mix two runs in one directory unless asked to resume (writes nothing)."""
+    if out.exists() and not out.is_dir():
+        raise UserError("--out exists and is not a directory", out)
+    if not resume and out.is_dir() and any((out / f).exists() for f in ("generated.jsonl", "state.json")):
+        raise UserError("this directory already holds a run: pass --resume to continue it, or another --out", out)
+
+
+def make_run_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the run directory: {e.strerror}", out) from None
+
+
+# ---------------------------------------------------------------- helpers every recipe's requests use
+
+
+def seeded(s: Sampling, rng: random.Random, **changes: object) -> Sampling:
+    """`s` with a per-request seed drawn from the step's RNG (and any other `changes`)."""
+    return dataclasses.replace(s, seed=rng.getrandbits(31), **changes)
+
+
+def public(s: Sampling) -> dict:
+    """Sampling parameters as recorded on a record (the per-request seed is not)."""
+    d = dataclasses.asdict(s)
+    d.pop("seed")
+    return d
