@@ -221,6 +221,14 @@ class GenerateConfig:
                            "in the prompt elsewhere. Records name it (scores.list_format).", ("text", "json"))
     max_stalled_requests: int = opt(64, "Give up after this many teacher requests in a row that yield no "
                                     "accepted instruction (a broken teacher ends, it does not loop).")
+    steps_in_flight: int = opt(16, "Steps generated at once on a backend that serves concurrent requests (vllm, "
+                               "openai): later steps' list requests and earlier steps' instance requests share "
+                               "the engine's batch. 1 is the step-by-step order. Alpaca and Evol-Instruct give the "
+                               "same records at any value; Self-Instruct the same up to 2, beyond which step k's "
+                               "machine demos come from steps up to k - steps_in_flight. transformers runs step "
+                               "by step.")
+    max_in_flight: int = opt(256, "Most teacher requests outstanding at once, across all steps in flight (what the "
+                             "engine, or each server together, is sent).")
     test_size: float = opt(0.1, "Fraction of records in the dataset's test split.")
     prompts_dir: str | None = opt(None, "A directory with your own versions of prompts/*.jinja (same relative "
                                   "names, e.g. self_instruct/instructions.jinja); the rest come from ours. Every "
@@ -248,6 +256,8 @@ class GenerateConfig:
         _require(self.request_batch_size >= 1, "request_batch_size", "must be >= 1")
         _require(self.max_instances >= 1, "max_instances", "must be >= 1")
         _require(self.max_stalled_requests >= 1, "max_stalled_requests", "must be >= 1")
+        _require(self.steps_in_flight >= 1, "steps_in_flight", "must be >= 1")
+        _require(self.max_in_flight >= 1, "max_in_flight", "must be >= 1")
         _require(0 <= self.test_size < 1, "test_size", "must be in [0, 1)")
 
 

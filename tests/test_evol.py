@@ -246,7 +246,7 @@ def test_resume_after_a_crash_mid_round_matches_an_uninterrupted_run(tmp_path):
     with pytest.raises(TeacherError):
         generate(crashed)
     state = json.loads((crashed.dir / "state.json").read_text())
-    assert state["recipes"]["evol"] == {"phase": "evolve", "round": 1, "pos": 0}
+    assert state["recipes"]["evol"] == {"phase": "evolve", "round": 1, "pos": 0, "first_step": 0}
     resumed = evol_run(tmp_path / "b", ScriptedTeacher())
     generate(resumed)
     for name in ("generated.jsonl", "rejected.jsonl"):

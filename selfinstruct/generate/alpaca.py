@@ -1,6 +1,6 @@
 """Alpaca-style generation (Taori et al., 2023; tatsu-lab/stanford_alpaca), one step at a time.
 
-    step(run)   # called by loop.generate until the target is reached (RECIPES["alpaca"])
+    step(run, s)   # step s.k, called by loop.generate (several in flight) until the target is reached
 
 A step: `request_batch_size` prompts, each showing 3 seed tasks (instruction, input, output;
 drawn with a seeded RNG from the seeds only, as the original does) and asking for 20 tasks; the
@@ -16,7 +16,7 @@ import random
 from selfinstruct.filters import check_instance
 from selfinstruct.generate.alerts import dominant
 from selfinstruct.generate.parse import parse_alpaca, parse_alpaca_json, tasks_schema
-from selfinstruct.generate.run import Run, public
+from selfinstruct.generate.run import Run, Step, public
 from selfinstruct.generate.self_instruct import demo_text, list_request
 from selfinstruct.generators import Request
 from selfinstruct.records import Record
@@ -46,52 +46,46 @@ def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[str]
     return requests, parents
 
 
-def step(run: Run) -> None:
+def step(run: Run, s: Step) -> None:
+    """Step s.k: its requests depend on the seeds only, so any number of steps are in flight at once; the
+    replies are screened and become records in step order."""
     acfg = run.cfg.generate.alpaca
     n_demos = min(acfg.num_prompt_instructions, len(run.seeds))
-    requests, parents = task_requests(run, run.step)
-    # Steps are independent: the next one's requests go out while this one's are answered. At the
-    # end of a run that is at most one batch unused (counted as prefetched_unused, kept in the cache).
-    run.prefetch(run.step, requests)
-    run.prefetch(run.step + 1, task_requests(run, run.step + 1)[0])
-    outs = run.fetch(run.step, requests)
-    run.step += 1
-    run.counts["requests/tasks"] += len(requests)
+    requests, parents = task_requests(run, s.k)
+    outs = s.ask(requests)
+    s.counts["requests/tasks"] += len(requests)
+    s.stall = len(requests)
 
-    records: list[Record] = []
-    rejected: list[dict] = []
     template, sampling = run.prompts.template_id(T_ALPACA), {"task": public(acfg.sampling)}
     json_mode = run.cfg.generate.list_format == "json"
+    parsed = [(par, c, *(parse_alpaca_json(c.text, c.finish_reason == "length") if json_mode else
+                         parse_alpaca(c.text, n_demos + 1, c.finish_reason == "length")))
+              for completions, par in zip(outs, parents, strict=True) for c in completions]
     outcomes, replies = [], []  # per reply: "" when it gave a record, else why not
-    for completions, par in zip(outs, parents, strict=True):
-        for c in completions:
-            truncated = c.finish_reason == "length"
-            tasks, dropped = (parse_alpaca_json(c.text, truncated) if json_mode else
-                              parse_alpaca(c.text, n_demos + 1, truncated))
-            rejected += [{"stage": "task", "reason": r, "raw": t[:2000]} for t, r in dropped]
-            reasons, kept_before = [r for _, r in dropped], len(records)
+    with s.ordered("commit"):
+        for par, c, tasks, dropped in parsed:
+            s.reject([{"stage": "task", "reason": r, "raw": t[:2000]} for t, r in dropped])
+            reasons, kept_before = [r for _, r in dropped], len(s.records)
             for instruction, inst in tasks:
-                run.counts["candidates"] += 1
+                s.counts["candidates"] += 1
                 ok, reason = check_instance(inst)
                 extra: dict = {}
                 if ok:  # screened last: a kept instruction enters the pool
-                    ok, reason, extra = run.screen(instruction, len(records))
+                    ok, reason, extra = run.screen(instruction, len(s.records))
                 if not ok:
                     reasons.append(reason)
-                    rejected.append({"stage": "task", "reason": reason, "instruction": instruction,
-                                     "input": inst.input, "output": inst.output, **extra})
+                    s.reject([{"stage": "task", "reason": reason, "instruction": instruction,
+                               "input": inst.input, "output": inst.output, **extra}])
                     continue
-                records.append(Record(
+                s.records.append(Record(
                     id=run.next_id(), instruction=instruction, input=inst.input, output=inst.output,
                     method="alpaca", round=run.round, parents=par, teacher=run.teacher.name,
                     template=template, sampling=sampling,
                     scores={"rouge_max": extra["rouge_max"], "list_format": run.cfg.generate.list_format}))
             failed = dominant(reasons) if c.text.strip() else "empty_reply"
-            outcomes.append("" if len(records) > kept_before else failed)
+            outcomes.append("" if len(s.records) > kept_before else failed)
             replies.append(c.text)
-    run.alert("tasks", outcomes, replies)
-    for r in records:
-        run.machine.append((r.instruction, r.id))
-    run.accept(records)
-    run.reject(rejected)
-    run.stalled_requests = 0 if records else run.stalled_requests + len(requests)
+        s.alert("tasks", outcomes, replies)
+        for r in s.records:
+            run.machine.append((r.instruction, r.id))
+        s.commit()

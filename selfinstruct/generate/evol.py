@@ -1,7 +1,7 @@
 """Evol-Instruct (Xu et al., 2023, arXiv 2304.12244): in-depth and in-breadth evolution over M
 rounds, with all four of the paper's elimination rules.
 
-    step(run)   # one batch of one evolution round; loop.generate calls it until all rounds ran
+    step(run, s)   # step s.k: one batch of one evolution round; loop.generate runs several at once
 
 Its state (EvolState, state.json's "evol"): the phase ("breadth": self-instruct+evol still running
 Self-Instruct; "evolve"), the round and the next slot. The lineages (slots) are built once, on
@@ -42,7 +42,7 @@ from selfinstruct.dedup import normalise
 from selfinstruct.filters import check_evolved_response, copies_prompt_words
 from selfinstruct.generate import self_instruct
 from selfinstruct.generate.parse import parse_equal, strip_echo
-from selfinstruct.generate.run import Run, public, records_of_run, seeded
+from selfinstruct.generate.run import Run, Step, public, records_of_run, seeded
 from selfinstruct.generators import Request
 from selfinstruct.generators.base import choice_mode
 from selfinstruct.records import Record, records_source, user_turn
@@ -83,10 +83,11 @@ class EvolState:
     phase: str = "breadth"  # "breadth" (self-instruct+evol's Self-Instruct phase) or "evolve"
     round: int = 0  # rounds finished
     pos: int = 0  # the next slot of the current round
+    first_step: int = 0  # the run's step that evolved the first batch (step k evolves batch k - first_step)
     slots: list[Slot] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"phase": self.phase, "round": self.round, "pos": self.pos}
+        return {"phase": self.phase, "round": self.round, "pos": self.pos, "first_step": self.first_step}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EvolState:
@@ -135,6 +136,8 @@ def breadth_tasks(run: Run) -> list[SeedTask]:
 def enter(run: Run, inputs: list[SeedTask]) -> EvolState:
     """Enter the evolve phase: one slot per input, advanced by the evolutions already accepted (a resume)."""
     st = run.state(EvolState)
+    if st.phase != "evolve":
+        st.first_step = run.step
     st.phase, st.slots = "evolve", make_slots(run.cfg, inputs)
     for r in records_of_run(run):
         if r["method"].startswith("evol:"):
@@ -180,93 +183,101 @@ def screen(run: Run, slot: Slot, text: str, truncated: bool) -> tuple[str, dict[
     return ("" if ok else reason), extra
 
 
-def step(run: Run) -> None:
+def batches(run: Run, n_slots: int) -> int:
+    """Batches per round (a step evolves one batch of slots)."""
+    return -(-n_slots // run.cfg.generate.evol.batch_size)
+
+
+def step(run: Run, s: Step) -> None:
+    """Step s.k evolves one batch of one round. Its rewrites need only its own slots' previous round, so
+    the rewrites of many batches (and of the next round) are in flight at once; its cheap checks and
+    ROUGE-L screening wait for the batch before it to commit (whose eliminations leave the pool), so every
+    step sees the pool the step-by-step order would."""
     ecfg, seed = run.cfg.generate.evol, run.cfg.generate.seed
     st = run.state(EvolState)
     slots = st.slots
     if not slots:
-        st.round = ecfg.rounds
+        with s.ordered("commit"):
+            st.round = ecfg.rounds
+            s.commit()
         return
-    r, start = st.round, st.pos
+    n_batches = batches(run, len(slots))
+    r, b = divmod(s.k - st.first_step, n_batches)
+    if r >= ecfg.rounds:  # past the last round: wait, to be cancelled when the last batch commits
+        s.after("commit", s.k)
+    start = b * ecfg.batch_size
     end = min(start + ecfg.batch_size, len(slots))
+    s.after("commit", s.k - n_batches)  # these slots' heads after the previous round
     system = run.prompts.render(T_SYSTEM).strip()
-    requests, ops = rewrite_requests(run, slots, r, start, end, system)
-    # The next batch of the same round rewrites other slots, so it can be in flight already.
-    run.prefetch(run.step, requests)
-    if end < len(slots):
-        run.prefetch(run.step + 1,
-                     rewrite_requests(run, slots, r, end, min(end + ecfg.batch_size, len(slots)), system)[0])
-    outs = run.fetch(run.step, requests)
-    run.step += 1
-    run.counts["requests/evolve"] += len(requests)
-    run.counts["candidates"] += len(requests)
+    with run.lock:
+        requests, ops = rewrite_requests(run, slots, r, start, end, system)
+    outs = s.ask(requests)
+    s.counts["requests/evolve"] += len(requests)
+    s.counts["candidates"] += len(requests)
 
-    rejected: list[dict[str, Any]] = []
     cands: list[tuple[int, str, str, dict[str, Any]]] = []
     outcomes: list[str] = []
-    for k, op, out in zip(range(start, end), ops, outs, strict=True):
-        c = out[0]
-        text = strip_echo(c.text)  # a chat teacher's "#Rewritten Prompt#:" before its rewrite is no rewrite
-        reason, extra = screen(run, slots[k], text, c.finish_reason == "length")
-        if reason:
-            rejected.append({"stage": "evol", "reason": reason, "operation": op, "evol_round": r + 1, "slot": k,
-                             "parent": slots[k].ids[-1], "instruction": text, **extra})
-        else:
-            cands.append((k, op, text, extra))
-        outcomes.append(reason if c.text.strip() else "empty_reply")
-    run.alert("evolve", outcomes, [o[0].text for o in outs])
-
+    s.after("commit", s.k - 1)
+    with run.lock:
+        for k, op, out in zip(range(start, end), ops, outs, strict=True):
+            c = out[0]
+            text = strip_echo(c.text)  # a chat teacher's "#Rewritten Prompt#:" before its rewrite is no rewrite
+            reason, extra = screen(run, slots[k], text, c.finish_reason == "length")
+            if reason:
+                s.reject([{"stage": "evol", "reason": reason, "operation": op, "evol_round": r + 1, "slot": k,
+                           "parent": slots[k].ids[-1], "instruction": text, **extra}])
+            else:
+                cands.append((k, op, text, extra))
+            outcomes.append(reason if c.text.strip() else "empty_reply")
+    s.alert("evolve", outcomes, [o[0].text for o in outs])
     rng = random.Random(f"{seed}-evol-{r}-{start}-answers")
-    asks = [Request(run.prompts.render(T_EQUAL, first=slots[k].text, second=text),
-                    seeded(ecfg.equality_sampling, rng), choices=EQUAL_CHOICES) for k, _, text, _ in cands]
+    asks = [Request(run.prompts.render(T_EQUAL, first=slots[k].text, second=text), seeded(ecfg.equality_sampling, rng),
+                    choices=EQUAL_CHOICES) for k, _, text, _ in cands]
     asks += [Request(run.prompts.render(T_RESPONSE, instruction=text), seeded(ecfg.response_sampling, rng),
                      system=system) for _, _, text, _ in cands]
-    answers = run.teacher.generate(asks) if asks else []
-    run.counts["requests/equality"] += len(cands)
-    run.counts["requests/response"] += len(cands)
+    answers = s.ask(asks)
+    s.counts["requests/equality"] += len(cands)
+    s.counts["requests/response"] += len(cands)
 
-    records: list[Record] = []
     mode = choice_mode(run.teacher)
     answered: list[str] = []  # per survivor of the cheap checks: "" when it became a record, else why not
     sampling = {"evolve": public(ecfg.evolve_sampling), "response": public(ecfg.response_sampling)}
     templates = {op: f"{run.prompts.template_id(T_OPS[op])}+{run.prompts.template_id(T_RESPONSE)}"
                  for op in set(ops)}
-    for (k, op, text, extra), judged, resp in zip(cands, answers[:len(cands)], answers[len(cands):], strict=True):
-        slot, c = slots[k], resp[0]
-        equal = parse_equal(judged[0].text)
-        if equal is None:
-            run.counts["equality_unclear"] += 1
-        reason = ""
-        if equal:
-            reason = "no_information_gain"
-        elif c.finish_reason == "length":
-            reason = "truncated_response"
-        else:
-            reason = check_evolved_response(c.text, ecfg.sorry_max_words)[1]
-        answered.append(reason)
-        if reason:  # not in the dataset, so it no longer blocks near-copies (a retry may pass)
-            run.pool.retire(extra["pool_index"])
-            rejected.append({"stage": "evol", "reason": reason, "operation": op, "evol_round": r + 1, "slot": k,
-                             "parent": slot.ids[-1], "instruction": text, "response": c.text[:2000],
-                             "judgement": judged[0].text[:200]})
-            continue
-        rec = Record(
-            id=run.next_id(), instruction=text, output=c.text.strip(), method=f"evol:{op}", round=run.round,
-            parents=[slot.ids[-1]], teacher=run.teacher.name, template=templates[op],
-            sampling=sampling, scores={"rouge_max": extra["rouge_max"], "judged_equal": equal,
-                                       "equality_mode": mode},
-            lineage={"depth": len(slot.ops) + 1, "operations": [*slot.ops, op], "chain": list(slot.ids),
-                     "slot": k, "evol_round": r + 1})
-        records.append(rec)
-        slot.advance(rec.id, op, text)
-        run.machine.append((text, rec.id))
-    run.alert("respond", answered, [a[0].text for a in answers[len(cands):]])
-    run.counts["evolved"] += len(records)
-    run.accept(records)
-    run.reject(rejected)
-    st.pos = end
-    if end >= len(slots):
-        st.round, st.pos = r + 1, 0
+    with s.ordered("commit"):
+        for (k, op, text, extra), judged, resp in zip(cands, answers[:len(cands)], answers[len(cands):], strict=True):
+            slot, c = slots[k], resp[0]
+            equal = parse_equal(judged[0].text)
+            if equal is None:
+                s.counts["equality_unclear"] += 1
+            reason = ""
+            if equal:
+                reason = "no_information_gain"
+            elif c.finish_reason == "length":
+                reason = "truncated_response"
+            else:
+                reason = check_evolved_response(c.text, ecfg.sorry_max_words)[1]
+            answered.append(reason)
+            if reason:  # not in the dataset, so it no longer blocks near-copies (a retry may pass)
+                run.pool.retire(extra["pool_index"])
+                s.reject([{"stage": "evol", "reason": reason, "operation": op, "evol_round": r + 1, "slot": k,
+                           "parent": slot.ids[-1], "instruction": text, "response": c.text[:2000],
+                           "judgement": judged[0].text[:200]}])
+                continue
+            rec = Record(
+                id=run.next_id(), instruction=text, output=c.text.strip(), method=f"evol:{op}", round=run.round,
+                parents=[slot.ids[-1]], teacher=run.teacher.name, template=templates[op],
+                sampling=sampling, scores={"rouge_max": extra["rouge_max"], "judged_equal": equal,
+                                           "equality_mode": mode},
+                lineage={"depth": len(slot.ops) + 1, "operations": [*slot.ops, op], "chain": list(slot.ids),
+                         "slot": k, "evol_round": r + 1})
+            s.records.append(rec)
+            slot.advance(rec.id, op, text)
+            run.machine.append((text, rec.id))
+        s.alert("respond", answered, [a[0].text for a in answers[len(cands):]])
+        s.counts["evolved"] += len(s.records)
+        st.round, st.pos = (r + 1, 0) if end >= len(slots) else (r, end)
+        s.commit()
 
 
 def done(run: Run) -> bool:
@@ -283,16 +294,20 @@ def progress(run: Run) -> tuple[str, int, int]:
     return "evolutions", st.round * n + st.pos, run.cfg.generate.evol.rounds * n
 
 
-def combined_step(run: Run) -> None:
-    """self-instruct+evol: Self-Instruct until num_instructions are accepted, then evolve them."""
-    st = run.state(EvolState)
-    if st.phase == "evolve":
-        step(run)
+def combined_step(run: Run, s: Step) -> None:
+    """self-instruct+evol: Self-Instruct until num_instructions are accepted, then evolve them. The step
+    that reaches the target enters the evolve phase as it commits, and the steps after it start afresh."""
+    if run.state(EvolState).phase == "evolve":
+        step(run, s)
         return
-    if not run.target_reached:
-        self_instruct.step(run)
+    s.on_commit.append(lambda: _maybe_enter(run, s))
+    self_instruct.step(run, s)
+
+
+def _maybe_enter(run: Run, s: Step) -> None:
     if run.target_reached:
         enter(run, breadth_tasks(run))
+        run.stop(s.k, "restart")
 
 
 def stats(run: Run, records: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,11 @@ from selfinstruct.config import Config, dump_yaml
 from selfinstruct.errors import StalledError, StorageError
 from selfinstruct.generate import alpaca, evol, self_instruct
 from selfinstruct.generate.run import (
+    NEVER,
+    Cancelled,
+    InFlight,
     Run,
+    Step,
     check_run_dir,
     default_run_dir,
     make_run_dir,
@@ -57,7 +62,7 @@ class Recipe:
     renders (with sample variables, checked at start-up), how it reads --seeds, what it does once the run's
     files are restored, and its own sections of stats.json. `has_target`: num_instructions bounds it."""
 
-    step: Callable[[Run], None]
+    step: Callable[[Run, Step], None]
     done: Callable[[Run], bool]
     progress: Callable[[Run], tuple[str, int, int]]
     templates: dict[str, dict[str, Any]]
@@ -112,24 +117,24 @@ def generate(run: Run) -> Path:
     restore(run)
     how.start(run)
     run.open()
+    run.is_done = how.done
+    run.depth = gcfg.steps_in_flight if run.teacher.concurrent else 1
+    run.in_flight = InFlight(gcfg.max_in_flight)
+    run.resumed_at = run.step
     started = time.monotonic()
-    stopped = "done"
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
             what, completed, total = how.progress(run)
             task = bar.add_task(what, total=total, completed=completed, info="")
-            while not how.done(run):
-                if run.stalled_requests >= gcfg.max_stalled_requests:
-                    stopped = "stalled"
-                    break
-                run.last_alert = ""
-                how.step(run)
-                run.checkpoint()
+
+            def show() -> None:
                 what, completed, total = how.progress(run)
                 alert = f" · [bold red]{escape(run.last_alert)}[/]" if run.last_alert else ""
                 bar.update(task, description=what, completed=completed, total=total,
                            info=f"{run.n_records} records · {sum(run.reasons.values())} rejected{alert}")
+
+            stopped = drive(run, how, show)
     except OSError as e:  # the disk, not the input: what was checkpointed is safe
         raise StorageError(f"cannot write {e.filename or run.dir}: {e.strerror or e}. Everything accepted up "
                            "to the last completed step is on disk; free space (or fix permissions) and run the "
@@ -145,6 +150,77 @@ def generate(run: Run) -> Path:
     if stopped == "stalled":
         raise stalled(run, stats)
     return run.dir
+
+
+def drive(run: Run, how: Recipe, show: Callable[[], None]) -> str:
+    """Run steps until the method is done ("done") or the teacher stalls ("stalled"). Up to `run.depth`
+    steps are in flight, each in a worker thread; they commit in step order (Step.commit), and a step
+    past the end (or begun before a change of phase) is cancelled. Requests such steps had sent are
+    counted as `requests_unused` (their answers are in the response cache). One step in flight runs in
+    this thread: the step-by-step order of a backend that answers one batch at a time."""
+    if how.done(run):
+        return "done"
+    if run.stalled_requests >= run.cfg.generate.max_stalled_requests:
+        return "stalled"
+    if run.depth == 1:
+        while True:
+            how.step(run, Step(run, run.step))
+            show()
+            if run.ending == "restart":
+                run.stop_at, run.ending = NEVER, ""
+            elif run.ending:
+                return run.ending
+    unused = 0
+    active: dict[int, tuple[Step, Future]] = {}
+
+    def drain() -> None:  # every step still in flight ends (cancelled) before the run moves on
+        nonlocal unused
+        for s, fut in active.values():
+            with contextlib.suppress(Exception):  # a step after the end may fail: it no longer matters
+                fut.result()
+            unused += s.asked
+        active.clear()
+
+    with ThreadPoolExecutor(run.depth, thread_name_prefix="step") as pool:
+        k = run.step
+        try:
+            while True:
+                while len(active) < run.depth and k <= run.stop_at:
+                    s = Step(run, k)
+                    active[k] = (s, pool.submit(how.step, run, s))
+                    k += 1
+                oldest = min(active)
+                s, fut = active.pop(oldest)
+                error = _outcome(fut)
+                if isinstance(error, Cancelled):
+                    unused += s.asked
+                    continue
+                if error is not None:
+                    raise error
+                show()
+                if run.ending == "restart":  # the phase changed at `oldest`: later steps start afresh
+                    drain()
+                    with run.lock:
+                        run.passed = {g: min(j, oldest) for g, j in run.passed.items()}
+                        run.stop_at, run.ending = NEVER, ""
+                    k = run.step
+                elif run.ending:
+                    return run.ending
+        except BaseException:
+            with run.lock:
+                run.stop(run.step - 1, "error")  # nothing after the last commit goes on
+            raise
+        finally:
+            drain()
+            if unused:
+                run.counts["requests_unused"] += unused
+
+
+def _outcome(fut: Future) -> BaseException | None:
+    """Wait for a step (waking twice a second, so Ctrl-C is felt at once); its exception, if any."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            return fut.exception(timeout=0.5)
 
 
 def stalled(run: Run, stats: dict[str, Any]) -> StalledError:

@@ -5,7 +5,14 @@ serialises itself under its own key of state.json ("recipes": {KEY: ...}).
     run = Run(dir=out, cfg=cfg, teacher=gen, seeds=seeds)
     restore(run)                 # cut what a crash left past the checkpoint; counters, pool, recipe states
     run.open()
-    ... a recipe's step: run.fetch / run.screen / run.accept / run.reject, then run.checkpoint()
+    step = Step(run, k)          # a recipe's step k, in a worker thread (loop.generate runs several at once):
+    outs = step.ask(requests)                 # the teacher, within generate.max_in_flight, no lock held
+    step.after("commit", k - 2)               # wait until step k-2 has committed
+    with step.ordered("screen"): ...          # steps pass this section in step order, under the run's lock
+    with step.ordered("commit"): ...; step.commit()   # records, rejections, counters, state.json, in order
+
+Every read or write of shared state happens in an ordered section, so what a run accepts depends on
+its seed and config, never on timing; a step past the run's end raises Cancelled and leaves no trace.
 
 Layout of a run directory:
     config.yaml       the resolved config          generated.jsonl   accepted records (append + fsync)
@@ -18,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import random
+import threading
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -52,6 +61,33 @@ class RecipeState(Protocol):
 
 
 S = TypeVar("S", bound=RecipeState)
+NEVER = math.inf
+
+
+class Cancelled(Exception):
+    """A step past the run's end, or started before a change of phase: its work is dropped, nothing written."""
+
+
+class InFlight:
+    """At most `limit` requests outstanding at once; `peak` is the most there ever were."""
+
+    def __init__(self, limit: int):
+        self.limit, self.n, self.peak = limit, 0, 0
+        self.cv = threading.Condition()
+
+    def acquire(self, n: int, cancelled: Callable[[], bool]) -> None:
+        with self.cv:
+            while self.n + n > self.limit:
+                if cancelled():
+                    raise Cancelled
+                self.cv.wait(0.5)
+            self.n += n
+            self.peak = max(self.peak, self.n)
+
+    def release(self, n: int) -> None:
+        with self.cv:
+            self.n -= n
+            self.cv.notify_all()
 
 
 @dataclass
@@ -77,9 +113,18 @@ class Run:
     last_alert: str = ""
     states: dict[str, RecipeState] = field(default_factory=dict)  # by KEY, made on first use
     saved: dict[str, dict[str, Any]] = field(default_factory=dict)  # state.json's recipe states, not yet loaded
+    # Steps in flight (loop.generate): the run's lock guards everything above; `passed[gate]` is the last
+    # step through an ordered section; steps after `stop_at` are cancelled; `ending` says why it was set.
+    lock: threading.Condition = field(default_factory=threading.Condition)
+    passed: dict[str, int] = field(default_factory=dict)
+    stop_at: float = NEVER
+    ending: str = ""  # "done", "stalled" or "restart" (a recipe changed phase: later steps start afresh)
+    is_done: Callable[[Run], bool] = lambda run: False  # the method's done(), checked after every commit
+    depth: int = 1  # steps in flight (loop.generate)
+    resumed_at: int = 0  # the first step this process runs: every gate counts the steps before it as passed
+    in_flight: InFlight | None = None
     _accepted: JsonlAppender | None = None
     _rejected: JsonlAppender | None = None
-    _prefetched: dict[int, tuple[list[Request], Future]] = field(default_factory=dict)
 
     def state(self, cls: type[S]) -> S:
         """The recipe state of type `cls`: the one in use, else the checkpointed one, else a fresh one."""
@@ -96,47 +141,15 @@ class Run:
         for f in (self._accepted, self._rejected):
             if f is not None:
                 f.close()
-        for requests, future in self._prefetched.values():  # the run ended first; answers stay cached
-            self.counts["prefetched_unused"] += len(requests)
-            with contextlib.suppress(Exception):
-                future.result()
-        self._prefetched.clear()
 
-    def prefetch(self, step: int, requests: list[Request]) -> None:
-        """Send step `step`'s requests now, where the teacher serves concurrent calls, so it never
-        idles while the current step filters and writes."""
-        if self.teacher.concurrent and step not in self._prefetched:
-            self.counts["prefetched"] += len(requests)
-            self._prefetched[step] = (requests, self.teacher.submit(requests))
-
-    def fetch(self, step: int, requests: list[Request]) -> list[list[Completion]]:
-        """The answers to `requests`: from a prefetch if it asked exactly these, else from the teacher."""
-        sent = self._prefetched.pop(step, None)
-        if sent is not None and sent[0] == requests:
-            self.counts["prefetched_used"] += len(requests)
-            return sent[1].result()
-        if sent is not None:
-            self.counts["prefetched_unused"] += len(sent[0])
-        return self.teacher.generate(requests)
-
-    def alert(self, stage: str, outcomes: list[str], replies: list[str]) -> None:
-        """Say so when every candidate of `stage` in this step failed for one reason ("" = a success)."""
-        reason = uniform_failure(outcomes)
-        if reason is not None:
-            self.last_alert = raise_alert(self.alerts, stage, reason, len(outcomes), replies)
+    def stop(self, k: int, why: str) -> None:
+        """Steps after k will not commit (under the lock): the run is done, stalled, or restarts after k."""
+        self.stop_at, self.ending = k, why
+        self.lock.notify_all()
 
     def next_id(self) -> str:
         self.n_records += 1
         return f"r{self.round}-{self.n_records:06d}"
-
-    def reject(self, rows: list[dict[str, Any]]) -> None:
-        """Each row needs `stage` and `reason`; they are written and counted."""
-        for r in rows:
-            self.reasons[r["reason"]] += 1
-        self._rejected.write_many(rows)
-
-    def accept(self, records: list[Record]) -> None:
-        self._accepted.write_many([r.to_json() for r in records])
 
     def checkpoint(self) -> None:
         """After a step's appends are fsynced: the step, counters, recipe states and file sizes that belong
@@ -174,6 +187,106 @@ class Run:
     @property
     def target_reached(self) -> bool:
         return self.accepted_instructions >= self.cfg.generate.num_instructions
+
+
+class Step:
+    """Step k of a run, as a recipe runs it in a worker thread: its buffered effects (counts, rejections,
+    records, alerts), applied to the run only by `commit`, in step order."""
+
+    def __init__(self, run: Run, k: int):
+        self.run, self.k = run, k
+        self.counts: Counter = Counter()
+        self.rejected: list[dict[str, Any]] = []
+        self.records: list[Record] = []
+        self.alerts: list[tuple[str, str, int, list[str]]] = []
+        self.stall: int | None = None  # requests that count towards a stall when the step accepts nothing
+        self.asked = 0  # requests sent (a cancelled step's are counted as unused)
+        self.on_commit: list[Callable[[], None]] = []  # run in commit, after the rows are written
+
+    def cancelled(self) -> bool:
+        return self.k > self.run.stop_at
+
+    def after(self, gate: str, j: int) -> None:
+        """Wait until step j has passed `gate` (at once for a step before this process's first)."""
+        run = self.run
+        with run.lock:
+            while run.passed.get(gate, run.resumed_at - 1) < j and not self.cancelled():
+                run.lock.wait(0.5)
+            if self.cancelled():
+                raise Cancelled
+
+    @contextlib.contextmanager
+    def ordered(self, gate: str) -> Iterator[None]:
+        """A section that steps pass one at a time, in step order, holding the run's lock."""
+        run = self.run
+        with run.lock:
+            while run.passed.get(gate, run.resumed_at - 1) < self.k - 1 and not self.cancelled():
+                run.lock.wait(0.5)
+            if self.cancelled():
+                raise Cancelled
+            yield
+            run.passed[gate] = self.k
+            run.lock.notify_all()
+
+    def ask(self, requests: list[Request]) -> list[list[Completion]]:
+        """The teacher's answers, never more than generate.max_in_flight requests outstanding across the run."""
+        limit = self.run.in_flight
+        if limit is None or not requests:
+            self.asked += len(requests)
+            return self.run.teacher.generate(requests) if requests else []
+        futures = []
+        for i in range(0, len(requests), limit.limit):
+            chunk = requests[i:i + limit.limit]
+            limit.acquire(len(chunk), self.cancelled)
+            self.asked += len(chunk)
+            fut = self.run.teacher.submit(chunk)
+            fut.add_done_callback(_releaser(limit, len(chunk)))
+            futures.append(fut)
+        return [c for fut in futures for c in self._wait(fut)]
+
+    def _wait(self, fut: Future) -> list[list[Completion]]:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                return fut.result(timeout=0.5)
+            if self.cancelled():  # the answers still arrive (and are cached); this step no longer needs them
+                raise Cancelled
+
+    def alert(self, stage: str, outcomes: list[str], replies: list[str]) -> None:
+        """Say so when every candidate of `stage` in this step failed for one reason ("" = a success)."""
+        reason = uniform_failure(outcomes)
+        if reason is not None:
+            self.alerts.append((stage, reason, len(outcomes), replies))
+
+    def reject(self, rows: list[dict[str, Any]]) -> None:
+        """Each row needs `stage` and `reason`; written and counted at commit."""
+        self.rejected += rows
+
+    def commit(self) -> None:
+        """In the "commit" section: the step's rows appended (fsync), counters and state.json, in step order;
+        then whether the run is done or stalled."""
+        run = self.run
+        run.last_alert = ""
+        for stage, reason, n, replies in self.alerts:
+            run.last_alert = raise_alert(run.alerts, stage, reason, n, replies)
+        run.counts.update(self.counts)
+        for r in self.rejected:
+            run.reasons[r["reason"]] += 1
+        run._accepted.write_many([r.to_json() for r in self.records])
+        run._rejected.write_many(self.rejected)
+        if self.stall is not None:
+            run.stalled_requests = 0 if self.records else run.stalled_requests + self.stall
+        run.step = self.k + 1
+        for hook in self.on_commit:
+            hook()
+        run.checkpoint()
+        if run.is_done(run):
+            run.stop(self.k, "done")
+        elif run.stalled_requests >= run.cfg.generate.max_stalled_requests:
+            run.stop(self.k, "stalled")
+
+
+def _releaser(limit: InFlight, n: int) -> Callable[[Future], None]:
+    return lambda _: limit.release(n)
 
 
 def restore(run: Run) -> None:

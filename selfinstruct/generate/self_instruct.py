@@ -1,20 +1,24 @@
 """Self-Instruct (Wang et al., 2023, arXiv 2212.10560), one step at a time.
 
-    step(run)   # called by loop.generate until the target is reached (RECIPES["self-instruct"])
+    step(run, s)   # step s.k, called by loop.generate (several in flight) until the target is reached
 
-A step: `request_batch_size` prompts of 8 demo instructions (6 human + 2 machine, seeded draw;
-the machine demos come from instructions accepted before the previous step finished, so the next
-step's prompts can be sent while this one generates instances)
+A step: `request_batch_size` prompts of 8 demo instructions (6 human + 2 machine, seeded draw)
 -> the teacher continues each numbered list -> parse -> filters -> ROUGE-L against the pool
 -> "is it classification?" -> instances, output-first for classification, input-first otherwise
 -> instance clean-up -> records. Every dropped item is written to rejected.jsonl with its reason.
+
+Steps in flight: step k's machine demos come from the instructions accepted by steps up to k - 1 - lag
+(lag = max(1, steps in flight - 1)), so its lists can be generated while earlier steps are still
+answering; with one or two steps in flight that is "accepted before the previous step finished",
+exactly the step-by-step order. Screening runs in step order against the pool every earlier step
+screened; the target cap waits for the earlier steps' records only when they could reach it.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from selfinstruct.config import Sampling
@@ -27,10 +31,11 @@ from selfinstruct.generate.parse import (
     parse_instructions_json,
     parse_yes_no,
 )
-from selfinstruct.generate.run import Run, public, seeded
+from selfinstruct.generate.run import Run, Step, public, seeded
 from selfinstruct.generators import Request
 from selfinstruct.generators.base import choice_mode
 from selfinstruct.records import Record
+from selfinstruct.seeds import Instance
 
 T_INSTRUCTIONS = "self_instruct/instructions.jinja"
 T_CLASSIFY = "self_instruct/is_classification.jinja"
@@ -51,18 +56,34 @@ TEMPLATES = {T_INSTRUCTIONS: {"instructions": ["Say hello.", "Add two numbers."]
 
 @dataclass
 class SelfInstructState:
-    """Machine instructions the next step's prompts may show: those accepted before the previous step
-    finished (so the next step's prompts can be built, and sent, while this one generates instances)."""
+    """`sizes`: machine instructions accepted once step j committed (recent steps, for the demos of the steps
+    after them). `pending`: instructions that passed screening in steps not yet committed (not saved: a
+    resumed run has none)."""
 
     KEY: ClassVar[str] = "self_instruct"
-    demo_pool_size: int = 0
+    sizes: dict[str, int] = field(default_factory=dict)
+    pending: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"demo_pool_size": self.demo_pool_size}
+        return {"sizes": self.sizes}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SelfInstructState:
-        return cls(**data)
+        return cls(sizes=dict(data.get("sizes", {})))
+
+    def demos(self, k: int, lag: int) -> int:
+        """How many machine instructions step k's prompts may show."""
+        return self.sizes.get(str(k - 1 - lag), 0)
+
+    def committed(self, k: int, size: int, lag: int) -> None:
+        self.sizes[str(k)] = size
+        for j in [j for j in self.sizes if int(j) < k - lag - 1]:
+            del self.sizes[j]
+
+
+def demo_lag(run: Run) -> int:
+    """How many steps before step k-1 the demos of step k stop (1: the step-by-step order)."""
+    return max(1, run.depth - 1)
 
 
 def sample_demos(rng: random.Random, human: list[tuple[str, str]], machine: list[tuple[str, str]],
@@ -89,13 +110,15 @@ def list_request(prompt: str, sampling: Sampling, rng: random.Random, schema: di
     return Request(prompt, seeded(sampling, rng, stop=stop), prefill=prefill)
 
 
-def instruction_requests(run: Run, step_no: int) -> tuple[random.Random, list[Request], list[list[str]]]:
-    """Step `step_no`'s instruction-generation requests and their demos' ids, and the step's RNG
-    (one stream per step: a resumed or prefetching run draws exactly the same)."""
+def instruction_requests(run: Run, step_no: int, n_machine: int) -> tuple[random.Random, list[Request],
+                                                                          list[list[str]]]:
+    """Step `step_no`'s instruction-generation requests (showing up to the first `n_machine` machine
+    instructions) and their demos' ids, and the step's RNG (one stream per step: a resumed run, or one with
+    several steps in flight, draws exactly the same)."""
     cfg = run.cfg.generate
     rng = random.Random(f"{cfg.seed}-{step_no}")
     human = [(s.instruction, s.id) for s in run.seeds]
-    machine = run.machine[: run.state(SelfInstructState).demo_pool_size]
+    machine = run.machine[:n_machine]
     json_mode = cfg.list_format == "json"
     requests, parents = [], []
     for _ in range(cfg.request_batch_size):
@@ -111,55 +134,58 @@ def instruction_requests(run: Run, step_no: int) -> tuple[random.Random, list[Re
     return rng, requests, parents
 
 
-def step(run: Run) -> None:
+def step(run: Run, s: Step) -> None:
     cfg = run.cfg.generate
-    rejected: list[dict] = []
+    st, lag = run.state(SelfInstructState), demo_lag(run)
 
-    # 1. New instructions from numbered lists of demos.
-    rng, requests, parents = instruction_requests(run, run.step)
-    outs = run.fetch(run.step, requests)
-    run.step += 1
-    run.counts["requests/instructions"] += len(requests)
+    # 1. New instructions from numbered lists of demos (machine demos as of step k-1-lag's commit).
+    s.after("commit", s.k - 1 - lag)
+    with run.lock:
+        rng, requests, parents = instruction_requests(run, s.k, st.demos(s.k, lag))
+    outs = s.ask(requests)
+    s.counts["requests/instructions"] += len(requests)
+    s.stall = len(requests)
 
-    # 2. Parse, filter, and drop near-duplicates of the pool (which grows as we accept).
+    # 2. Parse, filter, and drop near-duplicates of the pool (which grows as we accept), in step order.
     parse = parse_instructions_json if cfg.list_format == "json" else parse_instructions
+    parsed = [(par, c, *parse(c.text, c.finish_reason == "length"))
+              for completions, par in zip(outs, parents, strict=True) for c in completions]
+    s.after("screen", s.k - 1)
+    with run.lock:  # the cap needs the earlier steps' records only when they could reach the target
+        exact = run.accepted_instructions + st.pending + sum(len(p[2]) for p in parsed) >= cfg.num_instructions
+    if exact:
+        s.after("commit", s.k - 1)
     fresh: list[tuple[str, list[str], float]] = []
     outcomes, replies = [], []  # per reply: "" when it gave a new instruction, else why not
-    for completions, par in zip(outs, parents, strict=True):
-        for c in completions:
-            items, dropped = parse(c.text, c.finish_reason == "length")
-            rejected += [{"stage": "instruction", "reason": r, "instruction": t} for t, r in dropped]
+    with s.ordered("screen"):
+        for par, c, items, dropped in parsed:
+            s.reject([{"stage": "instruction", "reason": r, "instruction": t} for t, r in dropped])
             reasons = [r for _, r in dropped]
             kept_before = len(fresh)
             for item in items:
-                run.counts["candidates"] += 1
+                s.counts["candidates"] += 1
                 ok, reason, extra = run.screen(item, len(fresh))
                 if ok:
                     fresh.append((item, par, extra["rouge_max"]))
                 else:
                     reasons.append(reason)
-                    rejected.append({"stage": "instruction", "reason": reason, "instruction": item, **extra})
+                    s.reject([{"stage": "instruction", "reason": reason, "instruction": item, **extra}])
             outcomes.append("" if len(fresh) > kept_before else
                             dominant(reasons) if c.text.strip() else "empty_reply")
             replies.append(c.text)
-    run.alert("instructions", outcomes, replies)
-
-    # The next step's prompts may show the machine instructions accepted so far; build them now and,
-    # where the teacher serves concurrent calls, send them while this step finishes.
-    run.state(SelfInstructState).demo_pool_size = len(run.machine)
-    if run.accepted_instructions + len(fresh) < cfg.num_instructions:
-        run.prefetch(run.step, instruction_requests(run, run.step)[1])
+        st.pending += len(fresh)
+    s.alert("instructions", outcomes, replies)
 
     # 3. Classification or not (decides output-first vs input-first instance generation).
-    answers = run.teacher.generate(  # a choice of Yes / No where the backend can enforce one
+    answers = s.ask(  # a choice of Yes / No where the backend can enforce one
         [Request(run.prompts.render(T_CLASSIFY, instruction=i), seeded(cfg.classify_sampling, rng), choices=YES_NO)
          for i, _, _ in fresh])
-    run.counts["requests/classify"] += len(fresh)
+    s.counts["requests/classify"] += len(fresh)
     verdicts = [parse_yes_no(a[0].text) for a in answers]
     for v in verdicts:
-        run.counts["classify_unclear" if v is None else ("classification" if v else "generation")] += 1
+        s.counts["classify_unclear" if v is None else ("classification" if v else "generation")] += 1
     is_clf = [bool(v) for v in verdicts]
-    run.alert("classify", ["classify_unclear" if v is None else "" for v in verdicts], [a[0].text for a in answers])
+    s.alert("classify", ["classify_unclear" if v is None else "" for v in verdicts], [a[0].text for a in answers])
 
     # 4. Instances.
     stop = list(cfg.instance_sampling.stop) + [f"Example {cfg.max_instances + 1}"]
@@ -167,46 +193,48 @@ def step(run: Run) -> None:
         Request(run.prompts.render(t, instruction=i), seeded(cfg.instance_sampling, rng, stop=stop),
                 prefill=run.prompts.render(REPLY[t]))
         for (i, _, _), clf in zip(fresh, is_clf, strict=True) for t in [T_OUTPUT_FIRST if clf else T_INPUT_FIRST]]
-    inst_outs = run.teacher.generate(inst_requests)
-    run.counts["requests/instances"] += len(inst_requests)
+    inst_outs = s.ask(inst_requests)
+    s.counts["requests/instances"] += len(inst_requests)
 
-    records: list[Record] = []
     mode = choice_mode(run.teacher)
     t_instr = run.prompts.template_id(T_INSTRUCTIONS)
     templates = {clf: f"{t_instr}+{run.prompts.template_id(T_OUTPUT_FIRST if clf else T_INPUT_FIRST)}"
                  for clf in (False, True)}
     sampling = {"instruction": public(cfg.instruction_sampling), "instance": public(cfg.instance_sampling)}
+    tasks: list[tuple[str, list[str], float, bool, list[Instance]]] = []
     outcomes = []
     for (instr, par, score), clf, out in zip(fresh, is_clf, inst_outs, strict=True):
         c = out[0]
         instances = parse_instances(c.text, clf)
-        parsed = len(instances)
+        parsed_n = len(instances)
         if c.finish_reason == "length" and instances:
             lost = instances.pop()
-            rejected.append({"stage": "instance", "reason": "truncated", "instruction": instr,
-                             "input": lost.input, "output": lost.output})
+            s.reject([{"stage": "instance", "reason": "truncated", "instruction": instr,
+                       "input": lost.input, "output": lost.output}])
         kept, dropped = clean_instances(instances, cfg.max_instances)
-        rejected += [{"stage": "instance", "reason": r, "instruction": instr, "input": d.input, "output": d.output}
-                     for d, r in dropped]
+        s.reject([{"stage": "instance", "reason": r, "instruction": instr, "input": d.input, "output": d.output}
+                  for d, r in dropped])
         if not kept:  # unformatted: the reply held no example at all (a refusal, prose, nothing)
-            reason = "no_valid_instances" if parsed else "unformatted_instances"
-            rejected.append({"stage": "task", "reason": reason, "instruction": instr,
-                             "raw": c.text[:2000], "in_pool": True})
+            reason = "no_valid_instances" if parsed_n else "unformatted_instances"
+            s.reject([{"stage": "task", "reason": reason, "instruction": instr, "raw": c.text[:2000], "in_pool": True}])
             outcomes.append(reason if c.text.strip() else "empty_reply")
             continue
         outcomes.append("")
-        first = len(records)
-        for inst in kept:
-            records.append(Record(
-                id=run.next_id(), instruction=instr, input=inst.input, output=inst.output,
-                method="self-instruct", round=run.round, parents=par, teacher=run.teacher.name,
-                template=templates[clf], sampling=sampling,
-                scores={"rouge_max": round(score, 4), "is_classification": clf, "classification_mode": mode,
-                        "list_format": cfg.list_format}))
-        run.machine.append((instr, records[first].id))
+        tasks.append((instr, par, score, clf, kept))
+    s.alert("instances", outcomes, [o[0].text for o in inst_outs])
 
-    run.alert("instances", outcomes, [o[0].text for o in inst_outs])
-    run.accept(records)
-    run.reject(rejected)
-    run.stalled_requests = 0 if records else run.stalled_requests + len(requests)
-
+    # 5. Records, in step order (their ids, the machine demos of later steps, the target).
+    with s.ordered("commit"):
+        for instr, par, score, clf, kept in tasks:
+            first = len(s.records)
+            for inst in kept:
+                s.records.append(Record(
+                    id=run.next_id(), instruction=instr, input=inst.input, output=inst.output,
+                    method="self-instruct", round=run.round, parents=par, teacher=run.teacher.name,
+                    template=templates[clf], sampling=sampling,
+                    scores={"rouge_max": round(score, 4), "is_classification": clf, "classification_mode": mode,
+                            "list_format": cfg.list_format}))
+            run.machine.append((instr, s.records[first].id))
+        st.pending -= len(fresh)
+        st.committed(s.k, len(run.machine), lag)
+        s.commit()

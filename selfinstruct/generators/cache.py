@@ -16,10 +16,10 @@ import hashlib
 import json
 import sqlite3
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
-from selfinstruct.generators.base import Completion, Generator, Request, finished
+from selfinstruct.generators.base import Completion, Generator, Request
 
 
 def cache_key(model: str, chat: bool, req: Request, sample: int) -> str:
@@ -71,40 +71,50 @@ class ResponseCache:
 
 
 class CachedGenerator:
-    """Answers what the cache knows; asks the inner teacher for requests with any sample missing."""
+    """Answers what the cache knows; asks the inner generator for requests with any sample missing (through its
+    `submit`, so a concurrent backend keeps serving other callers meanwhile)."""
 
     def __init__(self, inner: Generator, cache: ResponseCache):
         self.inner, self.cache = inner, cache
         self.name, self.chat = inner.name, inner.chat
         self.concurrent, self.enforces_choices = inner.concurrent, inner.enforces_choices
         self.hits = self.misses = 0
-        self._pool = ThreadPoolExecutor(1) if self.concurrent else None
+        self._lock = threading.Lock()
 
     @property
     def stats(self) -> dict:
         return {**self.inner.stats, "cache_hits": self.hits, "cache_misses": self.misses}
 
     def generate(self, requests: list[Request]) -> list[list[Completion]]:
+        return self.submit(requests).result()
+
+    def submit(self, requests: list[Request]) -> Future:
         keys = [[cache_key(self.name, self.chat, r, k) for k in range(r.sampling.n)] for r in requests]
         found = self.cache.get_many([k for ks in keys for k in ks])
         missing = [i for i, ks in enumerate(keys) if any(k not in found for k in ks)]
-        self.hits += len(requests) - len(missing)
-        self.misses += len(missing)
-        if missing:
-            outs = self.inner.generate([requests[i] for i in missing])
-            # Samples already cached stay as they were; only the missing indices are filled in.
-            new = {k: c for i, out in zip(missing, outs, strict=True)
-                   for k, c in zip(keys[i], out, strict=True) if k not in found}
-            self.cache.put_many(new)
-            found.update(new)
-        return [[found[k] for k in ks] for ks in keys]
+        with self._lock:
+            self.hits += len(requests) - len(missing)
+            self.misses += len(missing)
+        result: Future = Future()
+        if not missing:
+            result.set_result([[found[k] for k in ks] for ks in keys])
+            return result
 
-    def submit(self, requests: list[Request]) -> Future:
-        """`generate` in the background where the inner backend serves concurrent calls; else done now."""
-        return self._pool.submit(self.generate, requests) if self._pool else finished(self.generate, requests)
+        def store(asked: Future) -> None:
+            try:
+                outs = asked.result()
+                # Samples already cached stay as they were; only the missing indices are filled in.
+                new = {k: c for i, out in zip(missing, outs, strict=True)
+                       for k, c in zip(keys[i], out, strict=True) if k not in found}
+                self.cache.put_many(new)
+                found.update(new)
+                result.set_result([[found[k] for k in ks] for ks in keys])
+            except BaseException as e:  # noqa: BLE001 - the inner generator's failure, delivered to the caller
+                result.set_exception(e)
+
+        self.inner.submit([requests[i] for i in missing]).add_done_callback(store)
+        return result
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
         self.inner.close()
         self.cache.close()

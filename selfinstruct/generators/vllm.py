@@ -1,11 +1,14 @@
-"""In-process vLLM backend: a whole generation step in one `LLM.generate` / `LLM.chat` call.
+"""In-process vLLM backend, fed continuously from any number of threads.
 
     teacher = VLLMGenerator(TeacherConfig(backend="vllm", model="Qwen/Qwen2.5-7B-Instruct", tensor_parallel_size=2))
+    fut = teacher.submit(requests)        # returns at once; the engine's batch takes them in
 
-vLLM batches continuously, so it is only fast when it sees every request of a step at once: we
-pass them all, each with its own SamplingParams (seeds differ per request). `max_tokens` is always
-set (vLLM's default is 16). With `lora_path`, every request runs on that LoRA adapter (a student).
-A request that carries a JSON schema gets structured output.
+vLLM batches continuously, so it is only fast when its queue is full. Requests are added to the engine
+(`LLM.enqueue` / `enqueue_chat`, each with its own SamplingParams: seeds differ per request) as they
+come, from whichever generation step sends them, and one feeder thread steps the engine and hands each
+finished request to its future; so several steps' requests share one batch (generate.steps_in_flight).
+`max_tokens` is always set (vLLM's default is 16). With `lora_path`, every request runs on that LoRA
+adapter (a student). A request that carries a JSON schema gets structured output.
 
 Engines are expensive to start (tens of seconds to minutes), so one process keeps one engine and
 every teacher, student and judge on the same base model shares it: an engine started with LoRA
@@ -24,8 +27,10 @@ from __future__ import annotations
 import gc
 import json
 import os
+import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 from typing import Any
 
 from rich.console import Console
@@ -33,7 +38,6 @@ from rich.console import Console
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import UserError
 from selfinstruct.generators.base import (
-    Blocking,
     Completion,
     Request,
     choice_budget,
@@ -106,8 +110,77 @@ def engine(cfg: TeacherConfig) -> Any:
     return llm
 
 
+class Feeder:
+    """Keeps one engine's queue full: callers in any thread add requests and get futures; a daemon thread
+    steps the engine while it has unfinished requests and resolves each future as its request finishes.
+    The engine is not thread-safe, so adding and stepping take turns under one lock."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+        self.cv = threading.Condition()
+        self.waiting: dict[str, Future] = {}
+        self.closed = False
+        self.thread = threading.Thread(target=self._drive, name="vllm-feeder", daemon=True)
+        self.thread.start()
+
+    def add(self, enqueue: Any) -> list[Future]:
+        """`enqueue()` adds requests to the engine and returns their ids; one future per request."""
+        with self.cv:
+            if self.closed:
+                raise RuntimeError("the vLLM engine was shut down")
+            ids = enqueue()
+            futures = [Future() for _ in ids]
+            self.waiting.update(zip(ids, futures, strict=True))
+            self.cv.notify_all()
+        return futures
+
+    def _drive(self) -> None:
+        while True:
+            with self.cv:
+                while not self.waiting and not self.closed:
+                    self.cv.wait()
+                if self.closed:
+                    return
+                try:
+                    outputs = self.llm.llm_engine.step()
+                except Exception as e:  # noqa: BLE001 - the engine died: every waiting caller hears why
+                    for fut in self.waiting.values():
+                        fut.set_exception(e)
+                    self.waiting.clear()
+                    continue
+                for out in outputs:
+                    if out.finished and out.request_id in self.waiting:
+                        self.waiting.pop(out.request_id).set_result(out)
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            for fut in self.waiting.values():
+                fut.cancel()
+            self.waiting.clear()
+            self.cv.notify_all()
+        self.thread.join()
+
+
+_FEEDERS: dict[int, Feeder] = {}
+_FEEDERS_LOCK = threading.Lock()
+
+
+def feeder(llm: Any) -> Feeder:
+    """The one feeder of engine `llm` (started on first use, ended by shutdown_engines)."""
+    with _FEEDERS_LOCK:
+        if id(llm) not in _FEEDERS:
+            _FEEDERS[id(llm)] = Feeder(llm)
+        return _FEEDERS[id(llm)]
+
+
 def shutdown_engines() -> None:
     """End the process's vLLM engine and its worker processes (a no-op when there is none)."""
+    with _FEEDERS_LOCK:
+        feeders = list(_FEEDERS.values())
+        _FEEDERS.clear()
+    for f in feeders:
+        f.close()
     llm = _ENGINE.pop("llm", None)
     _ENGINE.clear()
     if llm is None:
@@ -128,7 +201,8 @@ def to_completions(output: Any, stop: list[str]) -> list[Completion]:
     return out
 
 
-class VLLMGenerator(Blocking):
+class VLLMGenerator:
+    concurrent = True  # submit returns at once: the feeder keeps the engine's batch full
     enforces_choices = True  # structured outputs: the answer is one of the choices, nothing else
 
     def __init__(self, cfg: TeacherConfig, llm: Any = None):
@@ -142,6 +216,7 @@ class VLLMGenerator(Blocking):
         self.cfg = cfg
         self.name, adapter = teacher_name(cfg)
         self.counts: Counter = Counter()
+        self._count_lock = threading.Lock()
         self.llm = llm if llm is not None else engine(cfg)
         self.chat = use_chat(cfg, bool(getattr(self.llm.get_tokenizer(), "chat_template", None)))
         self.lora = None
@@ -161,25 +236,55 @@ class VLLMGenerator(Blocking):
                                         else StructuredOutputsParams(json=req.json_schema))
         return self._vllm.SamplingParams(**kw)
 
-    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+    def submit(self, requests: list[Request]) -> Future:
+        """Add the requests to the engine's queue now; the future holds their completions, in order."""
+        result: Future = Future()
         if not requests:
-            return []
+            result.set_result([])
+            return result
         params = [self._params(r) for r in requests]
+        feed = feeder(self.llm)
         if not self.chat:
-            outs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False, lora_request=self.lora)
+            futures = feed.add(lambda: self.llm.enqueue([r.prompt for r in requests], params, use_tqdm=False,
+                                                        lora_request=self.lora))
+            order = list(range(len(requests)))
         else:  # requests whose reply is prefilled are continued, the others get a generation prompt
-            outs = [None] * len(requests)
+            futures, order = [], []
             for cont in (False, True):
                 idx = [i for i, r in enumerate(requests) if bool(r.prefill) == cont]
                 if idx:
-                    got = self.llm.chat([requests[i].messages() for i in idx], [params[i] for i in idx],
-                                        use_tqdm=False, lora_request=self.lora, add_generation_prompt=not cont,
-                                        continue_final_message=cont)
-                    for i, o in zip(idx, got, strict=True):
-                        outs[i] = o
-        for o in outs:
-            self.counts["tokens_in"] += len(o.prompt_token_ids or [])
-            self.counts["tokens_out"] += sum(len(c.token_ids) for c in o.outputs)
+                    futures += feed.add(lambda idx=idx, cont=cont: self.llm.enqueue_chat(
+                        [requests[i].messages() for i in idx], [params[i] for i in idx], use_tqdm=False,
+                        lora_request=self.lora, add_generation_prompt=not cont, continue_final_message=cont))
+                    order += idx
+        left = [len(futures)]
+        lock = threading.Lock()
+
+        def done(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            try:
+                outs: list[Any] = [None] * len(requests)
+                for i, fut in zip(order, futures, strict=True):
+                    outs[i] = fut.result()
+                result.set_result(self._completions(requests, outs))
+            except BaseException as e:  # noqa: BLE001 - the engine's failure, delivered to the caller
+                result.set_exception(e)
+
+        for fut in futures:
+            fut.add_done_callback(done)
+        return result
+
+    def generate(self, requests: list[Request]) -> list[list[Completion]]:
+        return self.submit(requests).result()
+
+    def _completions(self, requests: list[Request], outs: list[Any]) -> list[list[Completion]]:
+        with self._count_lock:
+            for o in outs:
+                self.counts["tokens_in"] += len(o.prompt_token_ids or [])
+                self.counts["tokens_out"] += sum(len(c.token_ids) for c in o.outputs)
         return [[Completion(with_prefill(r, c.text, self.chat), c.finish_reason)
                  for c in to_completions(o, list(r.sampling.stop))] for o, r in zip(outs, requests, strict=True)]
 
