@@ -84,10 +84,9 @@ def test_generate_through_transformers_serve(teacher_dir, fast_config, tmp_path)
     log = (tmp_path / "serve.log").read_text()
     sent = log.count('"POST /v1/chat/completions HTTP/1.1" 200')
     counts = stats["counts"]
-    assert sent == sum(stats["requests"].values()) + counts.get("prefetched_unused", 0)
-    # Whether a step's prefetch is used depends on what the teacher answered (a step that fills the target
-    # sends none); every request sent ahead is accounted for either way.
-    assert counts.get("prefetched", 0) == counts.get("prefetched_used", 0) + counts.get("prefetched_unused", 0)
+    # Steps in flight past the one that reaches the target are dropped; what they asked for is counted as
+    # unused (a request cancelled before it left is counted there too, but the server never saw it).
+    assert sum(stats["requests"].values()) <= sent <= sum(stats["requests"].values()) + counts.get("requests_unused", 0)
     written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "serve.log"]
     assert any(p.suffix == ".sqlite" for p in written)  # the cache is among the files searched
     assert not [p for p in written if secret.encode() in p.read_bytes()], "the API key reached a file"

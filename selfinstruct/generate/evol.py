@@ -280,6 +280,10 @@ def step(run: Run, s: Step) -> None:
         s.commit()
 
 
+def evolving(run: Run) -> bool:
+    return run.state(EvolState).phase == "evolve"
+
+
 def done(run: Run) -> bool:
     st = run.state(EvolState)
     return st.phase == "evolve" and st.round >= run.cfg.generate.evol.rounds

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -56,6 +57,15 @@ def _target_reached(run: Run) -> bool:
     return run.target_reached
 
 
+def _worth_for_target(run: Run) -> int:
+    """Steps worth having in flight for a num_instructions target: as many as still seem needed, plus one (a
+    step begun past the end is wasted work). Needed: at the rate the steps so far accepted instructions,
+    or, before any did, at one instruction per list request."""
+    gained = run.accepted_instructions - run.resumed_accepted
+    rate = gained / (run.step - run.resumed_at) if gained else run.cfg.generate.request_batch_size
+    return max(1, math.ceil((run.cfg.generate.num_instructions - run.accepted_instructions) / rate) + 1)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A method: how it advances one step, when it is done, what its progress bar shows, the templates it
@@ -70,16 +80,19 @@ class Recipe:
     start: Callable[[Run], None] = lambda run: None
     stats: Callable[[Run, list[dict], list[dict]], dict[str, Any]] | None = None
     has_target: bool = True
+    worth: Callable[[Run], int] = lambda run: run.depth  # steps worth having in flight now
 
 
 RECIPES: dict[str, Recipe] = {
-    "self-instruct": Recipe(self_instruct.step, _target_reached, _instructions, self_instruct.TEMPLATES),
-    "alpaca": Recipe(alpaca.step, _target_reached, _instructions, alpaca.TEMPLATES),
+    "self-instruct": Recipe(self_instruct.step, _target_reached, _instructions, self_instruct.TEMPLATES,
+                            worth=_worth_for_target),
+    "alpaca": Recipe(alpaca.step, _target_reached, _instructions, alpaca.TEMPLATES, worth=_worth_for_target),
     "evol": Recipe(evol.step, evol.done, evol.progress, evol.TEMPLATES, inputs=evol.input_tasks, start=evol.start,
                    stats=evol.stats, has_target=False),
     "self-instruct+evol": Recipe(evol.combined_step, evol.done, evol.progress,
                                  {**self_instruct.TEMPLATES, **evol.TEMPLATES}, start=evol.start_combined,
-                                 stats=evol.stats),
+                                 stats=evol.stats,
+                                 worth=lambda run: run.depth if evol.evolving(run) else _worth_for_target(run)),
 }
 
 
@@ -120,7 +133,7 @@ def generate(run: Run) -> Path:
     run.is_done = how.done
     run.depth = gcfg.steps_in_flight if run.teacher.concurrent else 1
     run.in_flight = InFlight(gcfg.max_in_flight)
-    run.resumed_at = run.step
+    run.resumed_at, run.resumed_accepted = run.step, run.accepted_instructions
     started = time.monotonic()
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -185,7 +198,7 @@ def drive(run: Run, how: Recipe, show: Callable[[], None]) -> str:
         k = run.step
         try:
             while True:
-                while len(active) < run.depth and k <= run.stop_at:
+                while len(active) < min(run.depth, _worth(run, how)) and k <= run.stop_at:
                     s = Step(run, k)
                     active[k] = (s, pool.submit(how.step, run, s))
                     k += 1
@@ -214,6 +227,11 @@ def drive(run: Run, how: Recipe, show: Callable[[], None]) -> str:
             drain()
             if unused:
                 run.counts["requests_unused"] += unused
+
+
+def _worth(run: Run, how: Recipe) -> int:
+    with run.lock:
+        return how.worth(run)
 
 
 def _outcome(fut: Future) -> BaseException | None:

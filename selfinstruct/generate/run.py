@@ -122,6 +122,7 @@ class Run:
     is_done: Callable[[Run], bool] = lambda run: False  # the method's done(), checked after every commit
     depth: int = 1  # steps in flight (loop.generate)
     resumed_at: int = 0  # the first step this process runs: every gate counts the steps before it as passed
+    resumed_accepted: int = 0  # accepted instructions when this process began
     in_flight: InFlight | None = None
     _accepted: JsonlAppender | None = None
     _rejected: JsonlAppender | None = None
@@ -248,7 +249,8 @@ class Step:
         while True:
             with contextlib.suppress(TimeoutError):
                 return fut.result(timeout=0.5)
-            if self.cancelled():  # the answers still arrive (and are cached); this step no longer needs them
+            if self.cancelled():  # this step's answers are no longer needed: the backend may drop them
+                fut.cancel()
                 raise Cancelled
 
     def alert(self, stage: str, outcomes: list[str], replies: list[str]) -> None:

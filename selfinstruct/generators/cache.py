@@ -101,6 +101,8 @@ class CachedGenerator:
             return result
 
         def store(asked: Future) -> None:
+            if result.done():  # cancelled by the caller
+                return
             try:
                 outs = asked.result()
                 # Samples already cached stay as they were; only the missing indices are filled in.
@@ -110,9 +112,12 @@ class CachedGenerator:
                 found.update(new)
                 result.set_result([[found[k] for k in ks] for ks in keys])
             except BaseException as e:  # noqa: BLE001 - the inner generator's failure, delivered to the caller
-                result.set_exception(e)
+                if not result.done():
+                    result.set_exception(e)
 
-        self.inner.submit([requests[i] for i in missing]).add_done_callback(store)
+        asked = self.inner.submit([requests[i] for i in missing])
+        result.add_done_callback(lambda f: asked.cancel() if f.cancelled() else None)
+        asked.add_done_callback(store)
         return result
 
     def close(self) -> None:

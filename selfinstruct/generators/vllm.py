@@ -74,6 +74,10 @@ def engine_kwargs(cfg: TeacherConfig, cuda: bool = True) -> dict[str, Any]:
         kw["dtype"] = "float32"  # the CPU build's safe choice on AVX2 machines
     if not cuda:
         kw["enforce_eager"] = True  # graph capture buys nothing on CPU and costs start-up time
+        # The CPU build's sampler cannot rewind a seeded request's generator when a prompt's prefill is cut
+        # across engine steps ("CPU Generator does not use offset": the engine dies), which happens once the
+        # queue is full enough: every prompt is prefilled whole instead.
+        kw["enable_chunked_prefill"] = False
         if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
             # Without a KV cache size the CPU build demands gpu_memory_utilization x the node's memory free at
             # start-up (0.9 by default), which a machine running anything else does not have.
@@ -128,7 +132,8 @@ class Feeder:
         with self.cv:
             if self.closed:
                 raise RuntimeError("the vLLM engine was shut down")
-            ids = enqueue()
+            # enqueue returns the engine's internal ids ("<id>-<suffix>"); outputs and aborts use the caller's
+            ids = [i.split("-", 1)[0] for i in enqueue()]
             futures = [Future() for _ in ids]
             self.waiting.update(zip(ids, futures, strict=True))
             self.cv.notify_all()
@@ -151,6 +156,15 @@ class Feeder:
                 for out in outputs:
                     if out.finished and out.request_id in self.waiting:
                         self.waiting.pop(out.request_id).set_result(out)
+
+    def abort(self, futures: list[Future]) -> None:
+        """Drop the requests behind `futures` from the engine (their caller no longer needs them)."""
+        with self.cv:
+            ids = [i for i, f in self.waiting.items() if f in futures]
+            for i in ids:
+                self.waiting.pop(i).cancel()
+            if ids:
+                self.llm.llm_engine.abort_request(ids)
 
     def close(self) -> None:
         with self.cv:
@@ -263,16 +277,19 @@ class VLLMGenerator:
         def done(_: Future) -> None:
             with lock:
                 left[0] -= 1
-                if left[0]:
+                if left[0] or result.done():
                     return
             try:
                 outs: list[Any] = [None] * len(requests)
                 for i, fut in zip(order, futures, strict=True):
                     outs[i] = fut.result()
                 result.set_result(self._completions(requests, outs))
-            except BaseException as e:  # noqa: BLE001 - the engine's failure, delivered to the caller
-                result.set_exception(e)
+            except BaseException as e:  # noqa: BLE001 - the engine's failure (or an abort), to the caller
+                if not result.done():
+                    result.set_exception(e)
 
+        # A caller that cancels the result (a step past the run's end) frees the engine of its requests.
+        result.add_done_callback(lambda f: feed.abort(futures) if f.cancelled() else None)
         for fut in futures:
             fut.add_done_callback(done)
         return result
