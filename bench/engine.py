@@ -7,7 +7,8 @@ For each value of generate.steps_in_flight in --steps (1 is the step-by-step ord
 ran), one process starts vLLM in process on MODEL (a model directory or .gguf file; made for
 SmolLM2-135M-Instruct on vLLM's CPU build), warms it up, then:
   (a) runs the recipe through our loop (run_generate: seed 0, no response cache, CPU-sized max_tokens),
-      logging every request it sends; generated tokens / wall time of the run;
+      logging every request it has answered; generated tokens / wall time from the first request sent to
+      the last answered (start-up, stats and the dataset are not generation);
   (b) sends exactly those requests to the same engine all at once (LLM.enqueue / enqueue_chat, then
       wait_for_completion: the engine's own batch, no loop of ours); generated tokens / wall time.
 Prints both throughputs and the ratio a / b. The same requests with the same seeds generate nearly the
@@ -36,14 +37,21 @@ class Logged:
 
     def __init__(self, inner: object, log: list):
         self.inner, self.log = inner, log
+        self.first = self.last = None  # the generation's span: first request sent, last one answered
 
     def generate(self, requests: list) -> list:
         return self.submit(requests).result()
 
     def submit(self, requests: list) -> object:
+        self.first = self.first or time.monotonic()
         fut = self.inner.submit(requests)
-        fut.add_done_callback(lambda f: None if f.cancelled() or f.exception() else self.log.extend(requests))
+        fut.add_done_callback(lambda f: self._done(f, requests))
         return fut
+
+    def _done(self, fut: object, requests: list) -> None:
+        self.last = time.monotonic()
+        if not fut.cancelled() and fut.exception() is None:
+            self.log.extend(requests)
 
     def __getattr__(self, name: str) -> object:  # name, chat, concurrent, enforces_choices, stats, close
         return getattr(self.inner, name)
@@ -100,9 +108,8 @@ def one(model: str, recipe: str, target: int, steps: int, batch: int, max_tokens
         return made[-1]
 
     loop.make_generator = logged
-    started = time.monotonic()
     loop.run_generate(cfg)
-    seconds_a = time.monotonic() - started
+    seconds_a = made[0].last - made[0].first  # generation only (not start-up, stats and dataset)
     tokens_a = made[0].inner.stats["tokens_out"]  # answered requests only (the run's generator shares the engine)
     stats = json.loads((out / "stats.json").read_text())
     tokens_b, seconds_b = all_at_once(gen, log)

@@ -232,6 +232,7 @@ def test_vllm_engine_mapping_on_cpu(monkeypatch):
     kw = engine_kwargs(TeacherConfig(model="m"), cuda=False)
     # float32 and eager on CPU; an explicit KV cache, or the CPU build demands 90% of the memory free
     assert kw["dtype"] == "float32" and kw["enforce_eager"] and kw["kv_cache_memory_bytes"] == 4 << 30
+    assert kw["enable_chunked_prefill"] is False  # seeded requests crash the CPU build's sampler otherwise
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # the user's setting wins (vLLM reads it itself)
     assert "kv_cache_memory_bytes" not in engine_kwargs(TeacherConfig(model="m", dtype="bfloat16"), cuda=False)
     assert engine_kwargs(TeacherConfig(model="m", dtype="bfloat16"), cuda=False)["dtype"] == "bfloat16"

@@ -87,7 +87,7 @@ def finished(generate: Callable[[list[Request]], list[list[Completion]]], reques
 
 
 class Blocking:
-    """The `Generator` defaults of a backend that answers one batch at a time (in-process models, test
+    """The `Generator` defaults of a backend that answers one batch at a time (transformers in process, test
     doubles): not concurrent, `submit` answers before it returns, no enforced choices, no counters.
     Subclasses set `name`, `generate` and `close`, and override what they do differently."""
 
