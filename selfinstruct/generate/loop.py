@@ -202,6 +202,8 @@ def drive(run: Run, how: Recipe, show: Callable[[], None]) -> str:
                     s = Step(run, k)
                     active[k] = (s, pool.submit(how.step, run, s))
                     k += 1
+                if not active:  # nothing left to run (every step after the end was dropped)
+                    return run.ending or "done"
                 oldest = min(active)
                 s, fut = active.pop(oldest)
                 error = _outcome(fut)
