@@ -16,6 +16,7 @@ from serve import SERVERS, FaultyProxy, answers, free_port, transformers_serve
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import TeacherError
 from selfinstruct.generators import Request, make_generator
+from selfinstruct.generators.base import Blocking
 from selfinstruct.generators.cache import CachedGenerator, ResponseCache, cache_key
 from selfinstruct.generators.hf import HFGenerator
 from selfinstruct.generators.openai import OpenAIGenerator, retry_after
@@ -40,7 +41,7 @@ def generate_args(teacher, run, config, *urls):
 # ---------------------------------------------------------------- cache
 
 
-class Counting:
+class Counting(Blocking):
     """Counts what reaches the real teacher behind the cache."""
 
     def __init__(self, inner):
