@@ -103,6 +103,7 @@ class OpenAIGenerator:
         self._thread.start()
         self._session: aiohttp.ClientSession | None = None
         self._sem: asyncio.Semaphore | None = None
+        self._loading: asyncio.Lock | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -139,9 +140,12 @@ class OpenAIGenerator:
                 timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout),
                 connector=aiohttp.TCPConnector(limit=self.cfg.max_concurrency, limit_per_host=0))
             self._sem = asyncio.Semaphore(self.cfg.max_concurrency)
+            self._loading = asyncio.Lock()
         if not self._adapter_loaded:
-            await asyncio.gather(*(self._load_adapter(e.url) for e in self.endpoints))
-            self._adapter_loaded = True
+            async with self._loading:  # several steps' batches arrive at once: the first loads it, once
+                if not self._adapter_loaded:
+                    await asyncio.gather(*(self._load_adapter(e.url) for e in self.endpoints))
+                    self._adapter_loaded = True
         tasks = [asyncio.ensure_future(self._one(r)) for r in requests]
         try:
             return list(await asyncio.gather(*tasks))
