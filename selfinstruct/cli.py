@@ -22,8 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from selfinstruct import __version__
-from selfinstruct.config import METHODS, Config, field_help
-from selfinstruct.configfile import load_config
+from selfinstruct.config import METHODS, Config
+from selfinstruct.configfile import field_help, load_config
 from selfinstruct.errors import RunError, UserError
 
 console = Console(stderr=True)
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(generation, "--seed", "generate.seed", type=int, metavar="S")
     generation.add_argument("--no-cache", dest="no_cache", action="store_true",
                             help="Neither read nor write the response cache (teacher.cache).")
+    _flag(generation, "--judge", "eval.judge", metavar="MODEL")
+    _quality_flags(generation)
 
     g = sub.add_parser("generate", parents=[generation, config],
                        help="Grow an instruction dataset from seed tasks with a teacher model.")
@@ -69,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(r, "--generator", "rounds.generator", choices=["teacher", "student"])
     _flag(r, "--train-from", "rounds.train_from", choices=["base", "previous"])
     _flag(r, "--heldout", "eval.heldout", metavar="PATH")
-    _flag(r, "--judge", "eval.judge", metavar="MODEL")
     _flag(r, "--out", "rounds.out", metavar="DIR")
     r.set_defaults(func=cmd_run)
 
@@ -122,10 +123,42 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--public", action="store_true", help="With --push-to-hub: a public repo (default private).")
     x.set_defaults(func=cmd_export)
 
+    sc = sub.add_parser("score", parents=[config], help="Quality scores, selection and decontamination of any "
+                        "data (a run, Alpaca JSON, chat JSONL), and the Self-Instruct audit.")
+    sc.add_argument("data", metavar="DATA", help="A generate run directory or a data file (anything train reads).")
+    _quality_flags(sc)
+    _flag(sc, "--model", "quality.ifd_model", metavar="MODEL")
+    _flag(sc, "--judge", "eval.judge", metavar="MODEL")
+    _flag(sc, "--backend", "teacher.backend", choices=["auto", "vllm", "openai", "transformers"])
+    sc.add_argument("--base-url", dest="teacher.base_urls", action="append", default=None, metavar="URL",
+                    help="The judge's OpenAI-compatible server(s).")
+    sc.add_argument("--out", metavar="DIR", help="Where scored.jsonl, selected.jsonl and summary.json go (default "
+                    "RUN/score for a run, else outputs/<date>-<time>-score).")
+    sc.add_argument("--sample", type=int, metavar="N", help="Score a seeded random sample of N records (an audit).")
+    _flag(sc, "--seed", "generate.seed", type=int, metavar="S")
+    sc.add_argument("--no-cache", dest="no_cache", action="store_true",
+                    help="Neither read nor write the response cache (teacher.cache).")
+    sc.set_defaults(func=cmd_score)
+
     st = sub.add_parser("stats", help="Print a generate run's counts and diversity statistics.")
     st.add_argument("run", metavar="RUN_DIR")
     st.set_defaults(func=cmd_stats)
     return parser
+
+
+def _scorers(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ("ifd", "judge")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown scorer {bad[0]!r} (choose from ifd, judge; comma-separated)")
+    return names
+
+
+def _quality_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scorers", dest="quality.scorers", type=_scorers, default=None, metavar="ifd[,judge]",
+                   help=field_help("quality.scorers"))
+    p.add_argument("--decontaminate", dest="quality.decontaminate", nargs="+", default=None, metavar="FILE",
+                   help=field_help("quality.decontaminate"))
 
 
 def _config(args: argparse.Namespace, resume_dir: str | None) -> Config:
@@ -209,6 +242,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         push_to_hub(args.run, args.push_to_hub, private=not args.public)
         console.print(f"[green]pushed[/] to https://huggingface.co/datasets/{args.push_to_hub}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from selfinstruct.score import score_data
+
+    run = args.data if (Path(args.data) / "config.yaml").exists() else None
+    cfg = _config(args, run)  # a run's own teacher, student and quality settings, unless flags say otherwise
+    if args.sample is not None and args.sample < 1:
+        raise UserError("--sample must be >= 1")
+    scorers = getattr(args, "quality.scorers")
+    out = score_data(cfg, args.data, scorers if scorers is not None else ["ifd"], args.out, args.sample)
+    console.print(f"[green]wrote[/] {out / 'scored.jsonl'}")
     return 0
 
 

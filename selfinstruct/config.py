@@ -4,7 +4,7 @@ construction. Reading a YAML or TOML file onto it, with CLI overrides, is config
     cfg = Config()                              # every default
     cfg = load_config("my.yaml", {...})         # selfinstruct.configfile
 
-Every field carries its help text in `metadata["help"]`; `config_reference()` renders them as the
+Every field carries its help text in `metadata["help"]`; `configfile.config_reference()` renders them as the
 README's config table.
 """
 
@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
 
 DEFAULT_TEACHER = "Qwen/Qwen2.5-1.5B-Instruct"
 DEFAULT_STUDENT = "Qwen/Qwen2.5-0.5B"
@@ -129,6 +126,9 @@ class FilterConfig:
     banned_prefixes: list[str] = opt(["Write a program"], "Drop instructions starting with these.")
     rouge_threshold: float = opt(0.7, "Drop an instruction whose ROUGE-L F1 against any pool instruction "
                                  "(seeds, accepted, earlier rounds) is >= this.")
+    require_task_form: bool = opt(True, "Drop an instruction that does not read as a task (not_a_task): no question, "
+                                  "no clause opening with a verb of instruction (a name, a label, a statement). "
+                                  "English only: turn it off for other languages.")
     rouge_keep_equal: bool = opt(False, "Keep an instruction scoring exactly rouge_threshold (the original code's "
                                  "`<= 0.7`); default: drop it (the paper's text: keep when < 0.7).")
 
@@ -353,6 +353,42 @@ class RoundsConfig:
 
 
 @dataclass
+class QualityConfig:
+    scorers: list[str] = opt(["ifd"], "Quality scorers run on every candidate record before it is accepted: ifd "
+                             "(Instruction-Following Difficulty, a small LM's forward passes), judge (an LLM judge "
+                             "asks Self-Instruct's audit questions: 4 short requests per record). [] turns it off.")
+    ifd_model: str | None = opt(None, "The causal LM that computes IFD; default the student (train.student). Any "
+                                "small model ranks well (Superfiltering).")
+    device: str = opt("auto", "Where the IFD model runs: auto, cpu, cuda or mps.")
+    batch_size: int = opt(8, "Sequences per IFD forward pass.")
+    max_length: int = opt(512, "Tokens of an output (and of its prompt) that IFD reads.")
+    judge_sampling: Sampling = opt(Sampling(temperature=0.0, max_tokens=4),
+                                   "Sampling for the judge's answers (Yes / No, a digit 1-5).")
+    max_ifd: float | None = opt(1.0, "Drop a record whose IFD is >= this (low_quality): the instruction does not help "
+                                "predict the output. null: keep all.")
+    min_judge: float | None = opt(None, "Drop a record whose judge score (1-5) is below this (low_quality).")
+    min_quality: float | None = opt(None, "Drop a record whose scores.quality (0-1) is below this (low_quality).")
+    keep_top: float = opt(1.0, "After generation, keep this fraction of the accepted records, best scores.quality "
+                          "first (Alpagasus, Superfiltering: a scored subset beats the whole); the rest become "
+                          "low_quality rejections. 1 keeps all.")
+    decontaminate: list[str] = opt([], "Evaluation sets (any seed format): a record sharing an n-gram with one of "
+                                   "their items is dropped (contaminated). `run` always adds its held-out set.")
+    ngram: int = opt(13, "Decontamination n-gram length in words (GPT-3's 13); an evaluation text shorter than that "
+                     "counts whole when it has at least 8 words.")
+
+    def __post_init__(self) -> None:
+        for s in self.scorers:
+            _require(s in ("ifd", "judge"), "scorers", f"unknown scorer '{s}' (choose from ifd, judge)")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.max_length >= 8, "max_length", "must be >= 8")
+        _require(self.max_ifd is None or self.max_ifd > 0, "max_ifd", "must be > 0")
+        _require(self.min_judge is None or 1 <= self.min_judge <= 5, "min_judge", "must be between 1 and 5")
+        _require(self.min_quality is None or 0 <= self.min_quality <= 1, "min_quality", "must be in [0, 1]")
+        _require(0 < self.keep_top <= 1, "keep_top", "must be in (0, 1]")
+        _require(self.ngram >= 4, "ngram", "must be >= 4")
+
+
+@dataclass
 class Config:
     teacher: TeacherConfig = opt(TeacherConfig(), "The teacher model and where it runs.")
     generate: GenerateConfig = opt(GenerateConfig(), "Data generation.")
@@ -360,43 +396,5 @@ class Config:
     train: TrainConfig = opt(TrainConfig(), "LoRA supervised fine-tuning of the student.")
     eval: EvalConfig = opt(EvalConfig(), "Held-out evaluation of students (selfinstruct eval, and each round).")
     rounds: RoundsConfig = opt(RoundsConfig(), "selfinstruct run: rounds of generation and tuning.")
-
-
-# ---------------------------------------------------------------- writing and documenting
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
-
-
-def field_help(dotted: str) -> str:
-    """The help text of `section.key`, for argparse."""
-    cls: Any = Config
-    *parents, last = dotted.split(".")
-    for p in parents:
-        cls = typing.get_type_hints(cls)[p]
-    f = {f.name: f for f in dataclasses.fields(cls)}[last]
-    return f.metadata["help"]
-
-
-def config_reference() -> str:
-    """A markdown table of every config key, its default and its help (kept in the README)."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-
-    def walk(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value) and not isinstance(value, Sampling):  # a section: recurse
-                walk(value, f"{prefix}{f.name}.")
-                continue
-            default = dataclasses.asdict(value) if isinstance(value, Sampling) else value
-            shown = yaml.safe_dump(default, default_flow_style=True, width=10_000).strip()
-            shown = shown.removesuffix("...").strip().replace("|", "\\|").replace("\n", "\\n")
-            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {f.metadata['help']} |")
-
-    walk(Config(), "")
-    return "\n".join(rows)
+    quality: QualityConfig = opt(QualityConfig(), "Quality scores, selection and decontamination of generated "
+                                 "records (generate, run, score).")

@@ -2,6 +2,7 @@
 config.py. Every mistake names the file and the line of the key at fault.
 
     cfg = load_config("my.yaml", {"teacher.model": "Qwen/Qwen2.5-7B-Instruct"})
+    text = dump_yaml(cfg)                      # what a run directory's config.yaml holds
 
 Nothing outside this module and cli.py reads argv or config files.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from selfinstruct.config import Config, ConfigValueError
+from selfinstruct.config import Config, ConfigValueError, Sampling
 from selfinstruct.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -159,3 +160,43 @@ def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is list:
         return f"a list of {typing.get_args(hint)[0].__name__}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+# ---------------------------------------------------------------- writing and documenting
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def field_help(dotted: str) -> str:
+    """The help text of `section.key`, for argparse."""
+    cls: Any = Config
+    *parents, last = dotted.split(".")
+    for p in parents:
+        cls = typing.get_type_hints(cls)[p]
+    f = {f.name: f for f in dataclasses.fields(cls)}[last]
+    return f.metadata["help"]
+
+
+def config_reference() -> str:
+    """A markdown table of every config key, its default and its help (kept in the README)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, Sampling):  # a section: recurse
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            default = dataclasses.asdict(value) if isinstance(value, Sampling) else value
+            shown = yaml.safe_dump(default, default_flow_style=True, width=10_000).strip()
+            shown = shown.removesuffix("...").strip().replace("|", "\\|").replace("\n", "\\n")
+            rows.append(f"| `{prefix}{f.name}` | `{shown}` | {f.metadata['help']} |")
+
+    walk(Config(), "")
+    return "\n".join(rows)

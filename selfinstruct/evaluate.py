@@ -24,7 +24,6 @@ base and every round are compared on the same tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import re
@@ -32,12 +31,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from selfinstruct.config import Config, TeacherConfig
+from selfinstruct.config import Config
 from selfinstruct.errors import JudgeError, UserError
-from selfinstruct.generators import Generator, Request, make_generator, resolve_backend
+from selfinstruct.generators import Generator, Request, make_generator
 from selfinstruct.generators.base import choice_mode
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import JsonlAppender, read_jsonl, user_turn, write_atomic, write_json
+from selfinstruct.roles import judge_config, student_config
 from selfinstruct.seeds import load_tasks
 
 T_JUDGE = "judge/pairwise.jinja"
@@ -117,15 +117,6 @@ def heldout_items(cfg: Config) -> list[dict[str, str]]:
             for t in tasks]
 
 
-def student_config(cfg: Config, adapter: str | Path | None) -> TeacherConfig:
-    """The student (base, or base + a round's adapter) as a generator, on `eval.backend`."""
-    backend = resolve_backend(cfg.eval.backend, [])
-    return dataclasses.replace(cfg.teacher, model=cfg.train.student, backend=backend, launch=False,
-                               lora_path=str(adapter) if adapter else None,
-                               enable_lora=cfg.teacher.enable_lora or backend == "vllm",  # one engine, all adapters
-                               base_urls=cfg.teacher.base_urls if backend == "openai" else [])
-
-
 def responses(cfg: Config, adapter: str | Path | None, items: list[dict[str, str]], path: Path) -> list[str]:
     """The student's greedy responses to the held-out prompts, read from `path` when already there."""
     if path.exists():
@@ -171,10 +162,6 @@ def heldout_loss(cfg: Config, adapter: str | Path | None, items: list[dict[str, 
             total += float(loss) * n
             count += n
     return round(total / count, 5) if count else None
-
-
-def judge_config(cfg: Config) -> TeacherConfig:
-    return dataclasses.replace(cfg.teacher, model=cfg.eval.judge or cfg.teacher.model, lora_path=None, launch=False)
 
 
 def compare(cfg: Config, judge: Generator, items: list[dict[str, str]], candidate: list[str], reference: list[str],

@@ -9,6 +9,7 @@ from functools import cache
 
 from selfinstruct.config import FilterConfig
 from selfinstruct.seeds import Instance
+from selfinstruct.taskform import looks_like_task
 
 
 @cache
@@ -19,7 +20,7 @@ def _blacklist_re(words: tuple[str, ...]) -> re.Pattern[str] | None:
 
 
 def check_instruction(text: str, cfg: FilterConfig) -> tuple[bool, str]:
-    """The paper's instruction filters, in its order."""
+    """The paper's instruction filters, in its order, then ours: it must read as a task (taskform.py)."""
     n = len(text.split())
     if n < cfg.min_words:
         return False, "too_short"
@@ -34,6 +35,8 @@ def check_instruction(text: str, cfg: FilterConfig) -> tuple[bool, str]:
         return False, "starts_with_punctuation"
     if not text[0].isascii():
         return False, "starts_non_ascii"
+    if cfg.require_task_form and not looks_like_task(text):
+        return False, "not_a_task"
     return True, ""
 
 

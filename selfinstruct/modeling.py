@@ -27,11 +27,16 @@ def pick_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
+# Where the user names each role's model (the advice of a load failure).
+_WHERE = {"teacher": "--teacher PATH", "student": "--student PATH", "judge": "--judge PATH",
+          "IFD": "quality.ifd_model: PATH (or --student PATH; quality.scorers: [] turns IFD off)"}
+
+
 def _cannot_load(role: str, name: str, e: Exception) -> UserError:
     return UserError(
         f"cannot load {role} model '{name}': {str(e).splitlines()[0]}\n"
         f"If the Hugging Face hub is unreachable from here, download the model elsewhere and pass "
-        f"--{role} PATH to its local directory.")
+        f"{_WHERE.get(role, '--' + role + ' PATH')} to its local directory.")
 
 
 def check_model(name: str, trust_remote_code: bool, role: str) -> None:

@@ -30,7 +30,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from selfinstruct.config import Config, dump_yaml
+from selfinstruct.config import Config
+from selfinstruct.configfile import dump_yaml
+from selfinstruct.decontam import NgramIndex
 from selfinstruct.errors import RunError, UserError
 from selfinstruct.manifest import write_manifest
 from selfinstruct.modeling import check_model
@@ -72,10 +74,13 @@ def round_config(cfg: Config, run_dir: Path, k: int) -> Config:
     c.generate.out, c.generate.resume = str(rd / "generate"), True
     c.generate.seed = cfg.generate.seed + 1000 * (k - 1)  # new demonstrations each round
     c.generate.dedup_against = [*cfg.generate.dedup_against, *earlier]
+    if Path(cfg.eval.heldout).exists():  # nothing the students are evaluated on may be trained on
+        c.quality.decontaminate = [*cfg.quality.decontaminate, cfg.eval.heldout]
     if k > 1 and cfg.rounds.generator == "student":
-        from selfinstruct.evaluate import student_config
+        from selfinstruct.roles import student_config
 
         c.teacher = student_config(cfg, run_dir / f"round-{k - 1}" / "train" / "adapter")
+        c.eval.judge = cfg.eval.judge or cfg.teacher.model  # the teacher still judges the records
     c.train.out, c.train.resume = str(rd / "train"), True
     if trains_on_all_rounds(cfg, k):
         c.train.data = str(rd / "train-data.jsonl")
@@ -89,7 +94,7 @@ def check_servable(cfg: Config) -> None:
     """When vLLM serves the students (eval.backend vllm or openai), their adapters must be ones it can
     load: plain LoRA with rank <= teacher.max_lora_rank (our defaults). DoRA or a larger rank is the
     user opting out, which only the transformers backend can then run."""
-    from selfinstruct.evaluate import student_config
+    from selfinstruct.roles import student_config
 
     if student_config(cfg, None).backend not in ("vllm", "openai"):  # auto resolves as it will run
         return
@@ -105,7 +110,7 @@ def check_servable(cfg: Config) -> None:
 def share_engine(cfg: Config) -> Config:
     """When students run on in-process vLLM, the teacher's and judge's engines get LoRA support too, so
     one engine serves them all when they share a base model (an engine start costs a minute or more)."""
-    from selfinstruct.evaluate import student_config
+    from selfinstruct.roles import student_config
 
     if student_config(cfg, None).backend != "vllm":
         return cfg
@@ -145,6 +150,9 @@ def check_run(cfg: Config) -> None:
     # when they run in-process, so a typo fails now and not after round 1's generation.
     trust = cfg.teacher.trust_remote_code
     check_model(cfg.train.student, trust, "student")
+    if "ifd" in cfg.quality.scorers and cfg.quality.ifd_model:
+        check_model(cfg.quality.ifd_model, trust, "IFD")
+    NgramIndex.from_paths(cfg.quality.decontaminate, cfg.quality.ngram)  # a bad evaluation file fails now
     if cfg.teacher.backend != "openai" and not cfg.teacher.base_urls and not cfg.teacher.launch:
         check_model(cfg.teacher.model, trust, "teacher")
         if cfg.rounds.evaluate and cfg.eval.judge:

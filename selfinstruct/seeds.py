@@ -46,7 +46,7 @@ def load_tasks(path: str | Path) -> list[SeedTask]:
     position: dict[Path, int] = {}
     for f, line, row in read_rows(path):
         position[f] = position.get(f, 0) + 1
-        task = _task(row, f, line, default_id=f"{f.stem}-{position[f]}")
+        task = read_task(row, f, line, default_id=f"{f.stem}-{position[f]}")
         if task.id in seen:
             first = seen[task.id]
             raise UserError(f"duplicate task id '{task.id}' (first at {first[0]}:{first[1]})", f, line)
@@ -62,14 +62,14 @@ def load_conversations(path: str | Path) -> list[list[dict[str, str]]]:
         if "messages" in row:
             convs.append(_messages(row["messages"], f, line))
         else:
-            task = _task(row, f, line, default_id="")
+            task = read_task(row, f, line, default_id="")
             for inst in task.instances:
                 convs.append([{"role": "user", "content": user_turn(task.instruction, inst.input)},
                               {"role": "assistant", "content": inst.output}])
     return convs
 
 
-def _task(row: dict[str, Any], f: Path, line: int, default_id: str) -> SeedTask:
+def read_task(row: dict[str, Any], f: Path, line: int, default_id: str) -> SeedTask:
     """One task from a record of any format; records without an id get `default_id`."""
     if "messages" in row:
         msgs = _messages(row["messages"], f, line)

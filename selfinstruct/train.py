@@ -27,7 +27,8 @@ import datasets
 import jinja2
 from rich.console import Console
 
-from selfinstruct.config import Config, TrainConfig, dump_yaml
+from selfinstruct.config import Config, TrainConfig
+from selfinstruct.configfile import dump_yaml
 from selfinstruct.dataset import Conversation, load_training_data
 from selfinstruct.errors import UserError
 from selfinstruct.packing import IGNORE, PackedCollator, pack

@@ -21,7 +21,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 # Fast generation settings for tiny models (the paper's defaults are tested in test_config). The tiny
-# models run on transformers: `auto` would start a vLLM engine where vllm-cpu is installed (as in CI).
+# models run on transformers: `auto` would start a vLLM engine where vllm-cpu is installed (as in CI). No
+# quality scorer: IFD would load the default student from the hub (tests of scoring turn it on).
 FAST_CONFIG = """\
 teacher:
   backend: transformers
@@ -40,6 +41,8 @@ train:
   batch_size: 4
   logging_steps: 1
   max_length: 256
+quality:
+  scorers: []
 """
 
 
@@ -189,7 +192,7 @@ def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path)
         "generate.method": method, "generate.seed": 1, "generate.seeds": str(ROOT / "seeds"),
         "generate.out": str(out), "generate.num_instructions": RECIPE_TARGET, "generate.request_batch_size": 4,
         "generate.evol.rounds": 1, "generate.evol.max_inputs": 2 * RECIPE_TARGET,
-        "generate.evol.batch_size": 2 * RECIPE_TARGET})
+        "generate.evol.batch_size": 2 * RECIPE_TARGET, "quality.ifd_model": str(model_dir)})
     g = cfg.generate
     g.instruction_sampling = dataclasses.replace(g.instruction_sampling, max_tokens=160)
     g.instance_sampling = dataclasses.replace(g.instance_sampling, max_tokens=160)

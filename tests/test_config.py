@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from selfinstruct.config import Config, config_reference, dump_yaml
-from selfinstruct.configfile import load_config
+from selfinstruct.config import Config
+from selfinstruct.configfile import config_reference, dump_yaml, load_config
 from selfinstruct.errors import UserError
 
 

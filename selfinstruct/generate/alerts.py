@@ -30,6 +30,16 @@ FIXES = {
     "truncated": "replies hit max_tokens before the item ended: raise the stage's max_tokens",
     "truncated_evolution": "rewrites hit max_tokens: raise generate.evol.evolve_sampling.max_tokens",
     "truncated_response": "responses hit max_tokens: raise generate.evol.response_sampling.max_tokens",
+    "not_a_task": "the teacher writes names, labels or statements instead of tasks: use a stronger teacher "
+                  "(filters.require_task_form: false for instructions not in English)",
+    "copies_demo": "the teacher copies the demonstrations its prompt shows: use a stronger teacher",
+    "echoes_instruction": "the teacher repeats the task instead of doing it: use a stronger teacher",
+    "one_class_label": "the teacher calls tasks classification and answers with one label: use a stronger teacher "
+                       "(or a backend that enforces the Yes/No choice)",
+    "shared_instance": "the teacher gives different tasks the same example: use a stronger teacher",
+    "low_quality": "the quality scores drop every record: check quality.* thresholds, the IFD model "
+                   "(quality.ifd_model) and the judge, or use a stronger teacher",
+    "contaminated": "every record overlaps an evaluation set (quality.decontaminate, the held-out set)",
     "copies_prompt_words": "the teacher copies the evolution prompt's labels into its rewrites: a stronger teacher "
                            "follows the instruction better",
 }

@@ -5,21 +5,26 @@
 A step: `request_batch_size` prompts, each showing 3 seed tasks (instruction, input, output;
 drawn with a seeded RNG from the seeds only, as the original does) and asking for 20 tasks; the
 teacher continues the list at item 4, temperature 1.0, stopping before item 20. Each parsed task
-goes through the same instruction filters and ROUGE-L pool as Self-Instruct, then the instance
-checks (empty output, input equal to output). No separate classification or instance requests.
+goes through the instance checks (empty output, input equal to output), the copy checks (a demonstration's
+instruction, input or output; the task echoed), the same instruction filters and ROUGE-L pool as
+Self-Instruct, the quality gate (vetting.py) and the shared-instance check. No separate classification or
+instance requests.
 """
 
 from __future__ import annotations
 
 import random
 
-from selfinstruct.filters import check_instance
+from selfinstruct.copies import copies, instance_copy
+from selfinstruct.filters import check_instance, check_instruction
 from selfinstruct.generate.alerts import dominant
 from selfinstruct.generate.parse import parse_alpaca, parse_alpaca_json, tasks_schema
 from selfinstruct.generate.run import Run, Step, public
 from selfinstruct.generate.self_instruct import demo_text, list_request
+from selfinstruct.generate.vetting import Candidate
 from selfinstruct.generators import Request
 from selfinstruct.records import Record
+from selfinstruct.seeds import Instance, SeedTask
 
 T_ALPACA = "alpaca/prompt.jinja"
 T_REPLY = "alpaca/prompt_reply.jinja"  # how a chat teacher's reply begins (prefilled): the next task's number
@@ -27,14 +32,14 @@ TEMPLATES = {T_ALPACA: {"num_tasks": 20, "json": False, "demos": [{"instruction"
                                                                    "output": "Hello."}] * 3}, T_REPLY: {"n": 4}}
 
 
-def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[str]]]:
-    """Step `step_no`'s requests (3 seed demos each) and their demos' ids; seeded per step."""
+def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[SeedTask]]]:
+    """Step `step_no`'s requests (3 seed demos each) and their demos; seeded per step."""
     cfg, acfg = run.cfg.generate, run.cfg.generate.alpaca
     rng = random.Random(f"{cfg.seed}-{step_no}")
     n_demos = min(acfg.num_prompt_instructions, len(run.seeds))
     stop = list(acfg.sampling.stop) + [f"\n{acfg.num_tasks}", f"{acfg.num_tasks}."]
     schema = tasks_schema(max(1, acfg.num_tasks - n_demos - 1)) if cfg.list_format == "json" else None
-    requests, parents = [], []
+    requests, shown = [], []
     for _ in range(cfg.request_batch_size):
         tasks = rng.sample(run.seeds, n_demos)
         demos = [{"instruction": demo_text(t.instruction), "input": t.instances[0].input or "<noinput>",
@@ -42,8 +47,22 @@ def task_requests(run: Run, step_no: int) -> tuple[list[Request], list[list[str]
         prompt = run.prompts.render(T_ALPACA, num_tasks=acfg.num_tasks, demos=demos, json=schema is not None)
         requests.append(list_request(prompt, acfg.sampling, rng, schema, stop,
                                      run.prompts.render(T_REPLY, n=n_demos + 1)))
-        parents.append([t.id for t in tasks])
-    return requests, parents
+        shown.append(tasks)
+    return requests, shown
+
+
+def screen_cheaply(run: Run, shown: list[SeedTask], instruction: str, inst: Instance) -> Candidate:
+    """The checks that need neither the pool nor the order of steps: the instance filters, copies of the
+    demonstrations (and of the task itself), the instruction filters. A failure is the candidate's reason."""
+    c = Candidate(instruction, inst.input, inst.output)
+    demos = [t.instances[0] for t in shown]
+    ok, c.reason = check_instance(inst)
+    if ok and copies(instruction, [demo_text(t.instruction) for t in shown]):
+        c.reason = "copies_demo"
+    c.reason = c.reason or instance_copy(inst, demos, instruction)
+    if not c.reason:
+        c.reason = check_instruction(instruction, run.cfg.filters)[1]
+    return c
 
 
 def step(run: Run, s: Step) -> None:
@@ -51,37 +70,37 @@ def step(run: Run, s: Step) -> None:
     replies are screened and become records in step order."""
     acfg = run.cfg.generate.alpaca
     n_demos = min(acfg.num_prompt_instructions, len(run.seeds))
-    requests, parents = task_requests(run, s.k)
+    requests, shown = task_requests(run, s.k)
     outs = s.ask(requests)
     s.counts["requests/tasks"] += len(requests)
     s.stall = len(requests)
 
-    template, sampling = run.prompts.template_id(T_ALPACA), {"task": public(acfg.sampling)}
     json_mode = run.cfg.generate.list_format == "json"
-    parsed = [(par, c, *(parse_alpaca_json(c.text, c.finish_reason == "length") if json_mode else
-                         parse_alpaca(c.text, n_demos + 1, c.finish_reason == "length")))
-              for completions, par in zip(outs, parents, strict=True) for c in completions]
+    parsed = []
+    for completions, demos in zip(outs, shown, strict=True):
+        for c in completions:
+            tasks, dropped = (parse_alpaca_json(c.text, c.finish_reason == "length") if json_mode else
+                              parse_alpaca(c.text, n_demos + 1, c.finish_reason == "length"))
+            cands = [screen_cheaply(run, demos, i, inst) for i, inst in tasks]
+            parsed.append(([t.id for t in demos], c, cands, dropped))
+    s.vet([c for *_, cands, _ in parsed for c in cands if not c.reason])
+
+    template, sampling = run.prompts.template_id(T_ALPACA), {"task": public(acfg.sampling)}
     outcomes, replies = [], []  # per reply: "" when it gave a record, else why not
     with s.ordered("commit"):
-        for par, c, tasks, dropped in parsed:
+        for par, c, cands, dropped in parsed:
             s.reject([{"stage": "task", "reason": r, "raw": t[:2000]} for t, r in dropped])
             reasons, kept_before = [r for _, r in dropped], len(s.records)
-            for instruction, inst in tasks:
+            for cand in cands:
                 s.counts["candidates"] += 1
-                ok, reason = check_instance(inst)
-                extra: dict = {}
-                if ok:  # screened last: a kept instruction enters the pool
-                    ok, reason, extra = run.screen(instruction, len(s.records))
-                if not ok:
-                    reasons.append(reason)
-                    s.reject([{"stage": "task", "reason": reason, "instruction": instruction,
-                               "input": inst.input, "output": inst.output, **extra}])
+                if not accept(run, s, cand):
+                    reasons.append(cand.reason)
                     continue
                 s.records.append(Record(
-                    id=run.next_id(), instruction=instruction, input=inst.input, output=inst.output,
+                    id=run.next_id(), instruction=cand.instruction, input=cand.input, output=cand.output,
                     method="alpaca", round=run.round, parents=par, teacher=run.teacher.name,
                     template=template, sampling=sampling,
-                    scores={"rouge_max": extra["rouge_max"], "list_format": run.cfg.generate.list_format}))
+                    scores={"list_format": run.cfg.generate.list_format, **cand.scores}))
             failed = dominant(reasons) if c.text.strip() else "empty_reply"
             outcomes.append("" if len(s.records) > kept_before else failed)
             replies.append(c.text)
@@ -89,3 +108,17 @@ def step(run: Run, s: Step) -> None:
         for r in s.records:
             run.machine.append((r.instruction, r.id))
         s.commit()
+
+
+def accept(run: Run, s: Step, cand: Candidate) -> bool:
+    """In step order: a candidate's own reason, then ROUGE-L against the pool and the target cap (a kept
+    instruction enters the pool), then a shared instance. Rejections are written with their reason."""
+    if cand.reason:
+        s.reject([cand.rejection("task")])
+        return False
+    ok, cand.reason, extra = run.screen(cand.instruction, len(s.records))
+    if not ok:
+        s.reject([cand.rejection("task", **extra)])
+        return False
+    cand.scores["rouge_max"] = extra["rouge_max"]
+    return s.admit(cand, "task", in_pool=True)  # a shared instance: its instruction stays in the pool

@@ -37,13 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from selfinstruct.config import EVOL_OPERATIONS, Config, EvolWeights
+from selfinstruct.config import EVOL_OPERATIONS, Config, EvolConfig, EvolWeights
+from selfinstruct.copies import instance_copy
 from selfinstruct.dedup import normalise
 from selfinstruct.filters import check_evolved_response, copies_prompt_words
 from selfinstruct.generate import self_instruct
 from selfinstruct.generate.parse import parse_equal, strip_echo
 from selfinstruct.generate.run import Run, Step, public, records_of_run, seeded
-from selfinstruct.generators import Request
+from selfinstruct.generate.vetting import Candidate
+from selfinstruct.generators import Completion, Request
 from selfinstruct.generators.base import choice_mode
 from selfinstruct.records import Record, records_source, user_turn
 from selfinstruct.seeds import Instance, SeedTask, load_tasks
@@ -239,45 +241,62 @@ def step(run: Run, s: Step) -> None:
     s.counts["requests/equality"] += len(cands)
     s.counts["requests/response"] += len(cands)
 
-    mode = choice_mode(run.teacher)
-    answered: list[str] = []  # per survivor of the cheap checks: "" when it became a record, else why not
-    sampling = {"evolve": public(ecfg.evolve_sampling), "response": public(ecfg.response_sampling)}
-    templates = {op: f"{run.prompts.template_id(T_OPS[op])}+{run.prompts.template_id(T_RESPONSE)}"
-                 for op in set(ops)}
+    results = [answered_candidate(ecfg, text, judged[0], resp[0])
+               for (_, _, text, _), judged, resp in zip(cands, answers[:len(cands)], answers[len(cands):], strict=True)]
+    s.counts["equality_unclear"] += sum(equal is None for equal, _ in results)
+    s.vet([c for _, c in results if not c.reason])
     with s.ordered("commit"):
-        for (k, op, text, extra), judged, resp in zip(cands, answers[:len(cands)], answers[len(cands):], strict=True):
-            slot, c = slots[k], resp[0]
-            equal = parse_equal(judged[0].text)
-            if equal is None:
-                s.counts["equality_unclear"] += 1
-            reason = ""
-            if equal:
-                reason = "no_information_gain"
-            elif c.finish_reason == "length":
-                reason = "truncated_response"
-            else:
-                reason = check_evolved_response(c.text, ecfg.sorry_max_words)[1]
-            answered.append(reason)
-            if reason:  # not in the dataset, so it no longer blocks near-copies (a retry may pass)
-                run.pool.retire(extra["pool_index"])
-                s.reject([{"stage": "evol", "reason": reason, "operation": op, "evol_round": r + 1, "slot": k,
-                           "parent": slot.ids[-1], "instruction": text, "response": c.text[:2000],
-                           "judgement": judged[0].text[:200]}])
-                continue
-            rec = Record(
-                id=run.next_id(), instruction=text, output=c.text.strip(), method=f"evol:{op}", round=run.round,
-                parents=[slot.ids[-1]], teacher=run.teacher.name, template=templates[op],
-                sampling=sampling, scores={"rouge_max": extra["rouge_max"], "judged_equal": equal,
-                                           "equality_mode": mode},
-                lineage={"depth": len(slot.ops) + 1, "operations": [*slot.ops, op], "chain": list(slot.ids),
-                         "slot": k, "evol_round": r + 1})
-            s.records.append(rec)
-            slot.advance(rec.id, op, text)
-            run.machine.append((text, rec.id))
+        answered = commit_evolutions(run, s, r, cands, results, answers[:len(cands)])
         s.alert("respond", answered, [a[0].text for a in answers[len(cands):]])
         s.counts["evolved"] += len(s.records)
         st.round, st.pos = (r + 1, 0) if end >= len(slots) else (r, end)
         s.commit()
+
+
+def answered_candidate(ecfg: EvolConfig, text: str, judged: Completion,
+                       resp: Completion) -> tuple[bool | None, Candidate]:
+    """Rule 1's verdict on an evolution, and the evolution as a candidate record whose reason is the first of rules
+    1-3 (or a response that only repeats the instruction) it fails."""
+    equal = parse_equal(judged.text)
+    c = Candidate(text, "", resp.text.strip())
+    if equal:
+        c.reason = "no_information_gain"
+    elif resp.finish_reason == "length":
+        c.reason = "truncated_response"
+    else:
+        c.reason = check_evolved_response(resp.text, ecfg.sorry_max_words)[1] or instance_copy(c.instance, [], text)
+    return equal, c
+
+
+def commit_evolutions(run: Run, s: Step, r: int, cands: list[tuple[int, str, str, dict[str, Any]]],
+                      results: list[tuple[bool | None, Candidate]], judgements: list[list[Completion]]) -> list[str]:
+    """In step order: each surviving evolution becomes a record and its slot's new head; an eliminated one leaves
+    the ROUGE-L pool again (it is not in the dataset, so it blocks nothing: a retry may pass). Returns, per
+    candidate, "" or why it was eliminated."""
+    ecfg, slots = run.cfg.generate.evol, run.state(EvolState).slots
+    mode = choice_mode(run.teacher)
+    sampling = {"evolve": public(ecfg.evolve_sampling), "response": public(ecfg.response_sampling)}
+    answered = []
+    for (k, op, text, extra), (equal, c), judged in zip(cands, results, judgements, strict=True):
+        slot = slots[k]
+        if not s.admit(c, "evol", operation=op, evol_round=r + 1, slot=k, parent=slot.ids[-1],
+                       judgement=judged[0].text[:200]):
+            run.pool.retire(extra["pool_index"])
+            answered.append(c.reason)
+            continue
+        answered.append("")
+        rec = Record(
+            id=run.next_id(), instruction=text, output=c.output, method=f"evol:{op}", round=run.round,
+            parents=[slot.ids[-1]], teacher=run.teacher.name,
+            template=f"{run.prompts.template_id(T_OPS[op])}+{run.prompts.template_id(T_RESPONSE)}",
+            sampling=sampling, scores={"rouge_max": extra["rouge_max"], "judged_equal": equal,
+                                       "equality_mode": mode, **c.scores},
+            lineage={"depth": len(slot.ops) + 1, "operations": [*slot.ops, op], "chain": list(slot.ids),
+                     "slot": k, "evol_round": r + 1})
+        s.records.append(rec)
+        slot.advance(rec.id, op, text)
+        run.machine.append((text, rec.id))
+    return answered
 
 
 def evolving(run: Run) -> bool:

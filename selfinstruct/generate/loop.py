@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from selfinstruct.config import Config, dump_yaml
+from selfinstruct.config import Config
+from selfinstruct.configfile import dump_yaml
 from selfinstruct.errors import StalledError, StorageError
 from selfinstruct.generate import alpaca, evol, self_instruct
 from selfinstruct.generate.run import (
@@ -36,11 +37,14 @@ from selfinstruct.generate.run import (
     check_run_dir,
     default_run_dir,
     make_run_dir,
+    pool_tasks,
     pool_texts,
     records_of_run,
     restore,
 )
+from selfinstruct.generate.vetting import make_gate, select_top
 from selfinstruct.generators import make_generator
+from selfinstruct.generators.base import choice_mode
 from selfinstruct.generators.launch import launched_server
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import read_jsonl, write_atomic, write_json
@@ -106,10 +110,13 @@ def run_generate(cfg: Config, round_no: int = 1) -> Path:
     prompts.check(recipe.templates)
     seeds = recipe.inputs(gcfg.seeds)
     extra_pool = pool_texts(gcfg.dedup_against)  # read now: a bad file fails before anything is written
+    extra_tasks = pool_tasks(gcfg.dedup_against)
     out = Path(gcfg.out) if gcfg.out else default_run_dir(gcfg.method)
     check_run_dir(out, gcfg.resume)
     cfg = dataclasses.replace(cfg, generate=dataclasses.replace(gcfg, out=str(out)))  # as config.yaml records it
+    gate = make_gate(cfg, prompts)  # the IFD model and the evaluation sets load now: a bad one fails early
     with contextlib.ExitStack() as stack:
+        stack.callback(gate.close)
         teacher_cfg = cfg.teacher
         if teacher_cfg.launch:  # the server's log belongs to the run, so the directory comes first
             make_run_dir(out)
@@ -117,10 +124,11 @@ def run_generate(cfg: Config, round_no: int = 1) -> Path:
             teacher_cfg = dataclasses.replace(teacher_cfg, backend="openai", base_urls=[url])
         teacher = make_generator(teacher_cfg)
         stack.callback(teacher.close)
+        gate.judge_mode = gate.judge_mode or choice_mode(teacher)  # the teacher judges unless eval.judge is another
         make_run_dir(out)
         write_atomic(out / "config.yaml", dump_yaml(cfg))
-        return generate(Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds, extra_pool=extra_pool, prompts=prompts,
-                            round=round_no))
+        return generate(Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds, extra_pool=extra_pool,
+                            extra_tasks=extra_tasks, prompts=prompts, round=round_no, gate=gate))
 
 
 def generate(run: Run) -> Path:
@@ -258,12 +266,15 @@ def stalled(run: Run, stats: dict[str, Any]) -> StalledError:
 
 def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
     """stats.json and the dataset, both rebuilt from generated.jsonl, so a resumed run writes the same."""
+    from selfinstruct.audit import summarise
     from selfinstruct.dataset import save_dataset
     from selfinstruct.manifest import write_manifest
     from selfinstruct.publish import write_card
     from selfinstruct.stats import diversity, plot_diversity
 
     recipe = RECIPES[run.cfg.generate.method]
+    if stopped == "done":  # quality.keep_top: the best fraction stays, the rest become low_quality rejections
+        run.reasons["low_quality"] += select_top(run.dir, run.cfg.quality.keep_top)
     records = records_of_run(run)
     stats = {
         "method": run.cfg.generate.method,
@@ -282,8 +293,13 @@ def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
         "steps": run.step,
         "elapsed_s": round(elapsed, 2),
     }
+    rejected = read_jsonl(run.dir / "rejected.jsonl")
     if recipe.stats is not None:
-        stats.update(recipe.stats(run, records, read_jsonl(run.dir / "rejected.jsonl")))
+        stats.update(recipe.stats(run, records, rejected))
+    if run.gate is not None and run.gate.active:  # the accepted records' scores, and every scored candidate's
+        scored = [r["scores"] for r in rejected if isinstance(r.get("scores"), dict)]
+        stats["quality"] = {"accepted": summarise([r["scores"] for r in records], run.cfg.quality),
+                            "scored": summarise([r["scores"] for r in records] + scored, run.cfg.quality)}
     stats["diversity"] = diversity(records, [s.instruction for s in run.seeds])
     stats["dataset"] = save_dataset(records, run.dir / "dataset", run.cfg.generate.test_size,
                                     run.cfg.generate.seed)
@@ -296,8 +312,12 @@ def finish(run: Run, stopped: str, elapsed: float) -> dict[str, Any]:
 
 
 def print_summary(stats: dict[str, Any]) -> None:
+    from selfinstruct.audit import tables
     from selfinstruct.stats import alerts_table, counts_table
 
     console.print(counts_table(stats, f"{stats['method']} with {stats['teacher']}"))
+    if stats.get("quality", {}).get("accepted", {}).get("records"):
+        for t in tables(stats["quality"]["accepted"]):
+            console.print(t)
     if stats.get("alerts"):
         console.print(alerts_table(stats["alerts"]))

@@ -255,3 +255,13 @@ def parse_alpaca_json(text: str, truncated: bool) -> tuple[list[tuple[str, Insta
         inp = inp.strip()
         tasks.append((instruction, Instance("" if inp.lower() in NO_INPUT else inp, out.strip())))
     return tasks, dropped
+
+
+_TASK = re.compile(r"(?:^|\n)[ \t]*Task[ \t]*:", re.IGNORECASE)
+
+
+def demo_instances(prompt: str, classification: bool) -> list[Instance]:
+    """The demonstrations an instance prompt shows: every 'Task:' block but the last (the task to do),
+    read with the parser its replies go through, so a user's own template is read as well as ours."""
+    blocks = _TASK.split(prompt)[1:-1]
+    return [inst for block in blocks for inst in parse_instances(block.partition("\n")[2], classification)]

@@ -37,14 +37,16 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from selfinstruct.config import Config, Sampling
+from selfinstruct.copies import InstanceIndex
 from selfinstruct.dedup import RougePool
 from selfinstruct.errors import UserError
 from selfinstruct.filters import check_evolved_instruction, check_instruction, is_rouge_similar
 from selfinstruct.generate.alerts import raise_alert, uniform_failure
+from selfinstruct.generate.vetting import Candidate, Gate, apply_journal
 from selfinstruct.generators import Completion, Generator, Request
 from selfinstruct.prompts import OURS, Prompts
 from selfinstruct.records import JsonlAppender, Record, read_jsonl, read_rows, records_source, write_json
-from selfinstruct.seeds import SeedTask, record_text
+from selfinstruct.seeds import SeedTask, load_tasks, record_text
 
 OUTPUT_FILES = ("generated.jsonl", "rejected.jsonl")
 
@@ -100,10 +102,13 @@ class Run:
     teacher: Generator
     seeds: list[SeedTask]
     extra_pool: list[str] = field(default_factory=list)  # instructions of generate.dedup_against
+    extra_tasks: list[SeedTask] = field(default_factory=list)  # and their instances (shared_instance)
     prompts: Prompts = OURS
+    gate: Gate | None = None  # quality scores, thresholds, decontamination (vetting.py); None: off
     round: int = 1
     pool: RougePool = field(default_factory=RougePool)
     machine: list[tuple[str, str]] = field(default_factory=list)  # (instruction, first record id)
+    instances: InstanceIndex = field(default_factory=InstanceIndex)  # accepted (input, output) pairs
     counts: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
     step: int = 0
@@ -253,6 +258,22 @@ class Step:
                 fut.cancel()
                 raise Cancelled
 
+    def vet(self, cands: list[Candidate]) -> None:
+        """Quality scores and decontamination of candidates (no lock held): each gets scores and a reason."""
+        if self.run.gate is not None:
+            self.run.gate.vet(cands, self.ask)
+
+    def admit(self, c: Candidate, stage: str, **extra: Any) -> bool:
+        """In the "commit" section: whether `c` becomes a record. A vetted reason, or an (input, output) pair
+        already accepted under another instruction (shared_instance), rejects it (counted, with its scores)."""
+        if not c.reason and self.run.instances.shared(c.instance, c.instruction):
+            c.reason = "shared_instance"
+        if c.reason:
+            self.reject([c.rejection(stage, **extra)])
+            return False
+        self.run.instances.add(c.instance, c.instruction)
+        return True
+
     def alert(self, stage: str, outcomes: list[str], replies: list[str]) -> None:
         """Say so when every candidate of `stage` in this step failed for one reason ("" = a success)."""
         reason = uniform_failure(outcomes)
@@ -297,6 +318,10 @@ def restore(run: Run) -> None:
         run.pool.add(s.instruction)
     for text in run.extra_pool:
         run.pool.add(text)
+    for t in run.extra_tasks:  # earlier rounds' pairs: a copy of one is a shared instance here too
+        run.instances.add_records({"instruction": t.instruction, "input": i.input, "output": i.output}
+                                  for i in t.instances)
+    apply_journal(run.dir)  # a keep_top selection cut short: finish it first (its sizes are the checkpoint's)
     state_path = run.dir / "state.json"
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
     # Rows appended after the last checkpoint belong to a step that did not finish: cut them, the
@@ -314,7 +339,8 @@ def restore(run: Run) -> None:
     run.alerts = state.get("alerts", {})
     run.saved = state.get("recipes", {})
     records = read_jsonl(run.dir / "generated.jsonl")
-    run.n_records = len(records)
+    run.n_records = state.get("n_records", len(records))  # ids go on from the last, also after a selection
+    run.instances.add_records(records)
     for rec in records:
         if not run.machine or run.machine[-1][0] != rec["instruction"]:
             run.machine.append((rec["instruction"], rec["id"]))
@@ -333,6 +359,11 @@ def records_of_run(run: Run) -> list[dict[str, Any]]:
 def pool_texts(paths: list[str]) -> list[str]:
     """Instructions of other data (files, or run directories' generated.jsonl) for the ROUGE-L pool."""
     return [record_text(row, f, line) for p in paths for f, line, row in read_rows(records_source(p))]
+
+
+def pool_tasks(paths: list[str]) -> list[SeedTask]:
+    """The same data's tasks with their instances (for shared_instance across rounds)."""
+    return [t for p in paths for t in load_tasks(records_source(p))]
 
 
 def default_run_dir(method: str) -> Path:

@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from selfinstruct.config import Sampling
+from selfinstruct.copies import copies, instance_copy
+from selfinstruct.dedup import normalise
 from selfinstruct.filters import clean_instances
 from selfinstruct.generate.alerts import dominant
 from selfinstruct.generate.parse import (
+    demo_instances,
     instructions_schema,
     parse_instances,
     parse_instructions,
@@ -32,10 +35,10 @@ from selfinstruct.generate.parse import (
     parse_yes_no,
 )
 from selfinstruct.generate.run import Run, Step, public, seeded
-from selfinstruct.generators import Request
+from selfinstruct.generate.vetting import Candidate
+from selfinstruct.generators import Completion, Request
 from selfinstruct.generators.base import choice_mode
 from selfinstruct.records import Record
-from selfinstruct.seeds import Instance
 
 T_INSTRUCTIONS = "self_instruct/instructions.jinja"
 T_CLASSIFY = "self_instruct/is_classification.jinja"
@@ -111,10 +114,10 @@ def list_request(prompt: str, sampling: Sampling, rng: random.Random, schema: di
 
 
 def instruction_requests(run: Run, step_no: int, n_machine: int) -> tuple[random.Random, list[Request],
-                                                                          list[list[str]]]:
+                                                                          list[list[tuple[str, str]]]]:
     """Step `step_no`'s instruction-generation requests (showing up to the first `n_machine` machine
-    instructions) and their demos' ids, and the step's RNG (one stream per step: a resumed run, or one with
-    several steps in flight, draws exactly the same)."""
+    instructions) and their demos (text, id), and the step's RNG (one stream per step: a resumed run, or one
+    with several steps in flight, draws exactly the same)."""
     cfg = run.cfg.generate
     rng = random.Random(f"{cfg.seed}-{step_no}")
     human = [(s.instruction, s.id) for s in run.seeds]
@@ -130,7 +133,7 @@ def instruction_requests(run: Run, step_no: int, n_machine: int) -> tuple[random
                                      instructions_schema(max_items) if json_mode else None,
                                      cfg.instruction_sampling.stop,
                                      run.prompts.render(REPLY[T_INSTRUCTIONS], n=len(demos) + 1)))
-        parents.append([i for _, i in demos])
+        parents.append(demos)
     return rng, requests, parents
 
 
@@ -148,23 +151,23 @@ def step(run: Run, s: Step) -> None:
 
     # 2. Parse, filter, and drop near-duplicates of the pool (which grows as we accept), in step order.
     parse = parse_instructions_json if cfg.list_format == "json" else parse_instructions
-    parsed = [(par, c, *parse(c.text, c.finish_reason == "length"))
-              for completions, par in zip(outs, parents, strict=True) for c in completions]
+    parsed = [([i for _, i in demos], [t for t, _ in demos], c, *parse(c.text, c.finish_reason == "length"))
+              for completions, demos in zip(outs, parents, strict=True) for c in completions]
     s.after("screen", s.k - 1)
     with run.lock:  # the cap needs the earlier steps' records only when they could reach the target
-        exact = run.accepted_instructions + st.pending + sum(len(p[2]) for p in parsed) >= cfg.num_instructions
+        exact = run.accepted_instructions + st.pending + sum(len(p[3]) for p in parsed) >= cfg.num_instructions
     if exact:
         s.after("commit", s.k - 1)
     fresh: list[tuple[str, list[str], float]] = []
     outcomes, replies = [], []  # per reply: "" when it gave a new instruction, else why not
     with s.ordered("screen"):
-        for par, c, items, dropped in parsed:
+        for par, shown, c, items, dropped in parsed:
             s.reject([{"stage": "instruction", "reason": r, "instruction": t} for t, r in dropped])
             reasons = [r for _, r in dropped]
             kept_before = len(fresh)
             for item in items:
                 s.counts["candidates"] += 1
-                ok, reason, extra = run.screen(item, len(fresh))
+                ok, reason, extra = (False, "copies_demo", {}) if copies(item, shown) else run.screen(item, len(fresh))
                 if ok:
                     fresh.append((item, par, extra["rouge_max"]))
                 else:
@@ -196,13 +199,43 @@ def step(run: Run, s: Step) -> None:
     inst_outs = s.ask(inst_requests)
     s.counts["requests/instances"] += len(inst_requests)
 
+    tasks = instance_candidates(run, s, fresh, is_clf, inst_outs)
+    s.vet([c for *_, cands in tasks for c in cands])
+
+    # 5. Records, in step order (their ids, the machine demos of later steps, the target).
     mode = choice_mode(run.teacher)
     t_instr = run.prompts.template_id(T_INSTRUCTIONS)
     templates = {clf: f"{t_instr}+{run.prompts.template_id(T_OUTPUT_FIRST if clf else T_INPUT_FIRST)}"
                  for clf in (False, True)}
     sampling = {"instruction": public(cfg.instruction_sampling), "instance": public(cfg.instance_sampling)}
-    tasks: list[tuple[str, list[str], float, bool, list[Instance]]] = []
-    outcomes = []
+    with s.ordered("commit"):
+        for instr, par, score, clf, cands in tasks:
+            kept = [c for c in cands if s.admit(c, "instance")]  # shared instances and vetted reasons out
+            if not kept:
+                s.reject([{"stage": "task", "reason": "no_valid_instances", "instruction": instr, "in_pool": True}])
+                continue
+            for c in kept:
+                s.records.append(Record(
+                    id=run.next_id(), instruction=instr, input=c.input, output=c.output,
+                    method="self-instruct", round=run.round, parents=par, teacher=run.teacher.name,
+                    template=templates[clf], sampling=sampling,
+                    scores={"rouge_max": round(score, 4), "is_classification": clf, "classification_mode": mode,
+                            "list_format": cfg.list_format, **c.scores}))
+            run.machine.append((instr, s.records[-len(kept)].id))
+        st.pending -= len(fresh)
+        st.committed(s.k, len(run.machine), lag)
+        s.commit()
+
+
+def instance_candidates(run: Run, s: Step, fresh: list[tuple[str, list[str], float]], is_clf: list[bool],
+                        inst_outs: list[list[Completion]]) -> list[tuple[str, list[str], float, bool, list[Candidate]]]:
+    """Each task's instances from its reply: parsed, cleaned (Self-Instruct's instance filters) and checked for
+    copies of the prompt's demonstrations and of the task itself; a classification task must show two class
+    labels at least (output-first asks for an input per label: one label means the task was no classification,
+    and its "instances" are a label under whatever text). A task left with no instance is rejected."""
+    demos = {clf: demo_instances(run.prompts.render(T_OUTPUT_FIRST if clf else T_INPUT_FIRST, instruction=""), clf)
+             for clf in (False, True)}
+    tasks, outcomes = [], []
     for (instr, par, score), clf, out in zip(fresh, is_clf, inst_outs, strict=True):
         c = out[0]
         instances = parse_instances(c.text, clf)
@@ -211,30 +244,22 @@ def step(run: Run, s: Step) -> None:
             lost = instances.pop()
             s.reject([{"stage": "instance", "reason": "truncated", "instruction": instr,
                        "input": lost.input, "output": lost.output}])
-        kept, dropped = clean_instances(instances, cfg.max_instances)
+        kept, dropped = clean_instances(instances, run.cfg.generate.max_instances)
+        copied = [(i, instance_copy(i, demos[clf], instr)) for i in kept]
+        dropped += [(i, why) for i, why in copied if why]
+        kept = [i for i, why in copied if not why]
+        if clf and len({normalise(i.output) for i in kept}) == 1:  # one label: not a classification after all
+            dropped += [(i, "one_class_label") for i in kept]
+            kept = []
         s.reject([{"stage": "instance", "reason": r, "instruction": instr, "input": d.input, "output": d.output}
                   for d, r in dropped])
         if not kept:  # unformatted: the reply held no example at all (a refusal, prose, nothing)
             reason = "no_valid_instances" if parsed_n else "unformatted_instances"
             s.reject([{"stage": "task", "reason": reason, "instruction": instr, "raw": c.text[:2000], "in_pool": True}])
-            outcomes.append(reason if c.text.strip() else "empty_reply")
+            outcomes.append(dominant([r for _, r in dropped]) if dropped else
+                            reason if c.text.strip() else "empty_reply")
             continue
         outcomes.append("")
-        tasks.append((instr, par, score, clf, kept))
+        tasks.append((instr, par, score, clf, [Candidate(instr, i.input, i.output) for i in kept]))
     s.alert("instances", outcomes, [o[0].text for o in inst_outs])
-
-    # 5. Records, in step order (their ids, the machine demos of later steps, the target).
-    with s.ordered("commit"):
-        for instr, par, score, clf, kept in tasks:
-            first = len(s.records)
-            for inst in kept:
-                s.records.append(Record(
-                    id=run.next_id(), instruction=instr, input=inst.input, output=inst.output,
-                    method="self-instruct", round=run.round, parents=par, teacher=run.teacher.name,
-                    template=templates[clf], sampling=sampling,
-                    scores={"rouge_max": round(score, 4), "is_classification": clf, "classification_mode": mode,
-                            "list_format": cfg.list_format}))
-            run.machine.append((instr, s.records[first].id))
-        st.pending -= len(fresh)
-        st.committed(s.k, len(run.machine), lag)
-        s.commit()
+    return tasks

@@ -1,0 +1,98 @@
+"""Copy detection and the task-form check: pure functions, tested on the junk a 135M teacher really wrote
+(tests/test_quality.py runs them on SmolLM2 itself)."""
+
+import json
+
+import pytest
+
+from selfinstruct.config import FilterConfig
+from selfinstruct.copies import InstanceIndex, copies, instance_copy
+from selfinstruct.filters import check_instruction
+from selfinstruct.generate.parse import demo_instances
+from selfinstruct.prompts import render
+from selfinstruct.seeds import Instance
+from selfinstruct.taskform import looks_like_task
+
+DEMOS = [Instance("25 degrees Celsius", "77 degrees Fahrenheit"), Instance("13", "yes"),
+         Instance("", "1. Go to bed at the same time every night. 2. Keep the bedroom dark.")]
+
+
+@pytest.mark.parametrize("inst,reason", [
+    (Instance("25 degrees Celsius", "77 degrees Fahrenheit"), "copies_demo"),      # the demo, word for word
+    (Instance("  25 Degrees   celsius ", "77 degrees fahrenheit."), "copies_demo"),  # case and spaces
+    (Instance("A rainy day in May", "77 degrees Fahrenheit"), "copies_demo"),      # a demo's output under new input
+    (Instance("", "1. Go to bed at the same time each night. 2. Keep the bedroom dark."), "copies_demo"),  # ROUGE 0.9+
+    (Instance("13", "yes"), "copies_demo"),                                          # a short pair, whole
+    (Instance("I loved the film.", "yes"), ""),          # a short label alone is an answer, not a copy
+    (Instance("17", "yes"), ""),
+    (Instance("30 degrees Celsius", "86 degrees Fahrenheit"), ""),
+    (Instance("", "Convert the temperature from Celsius to Fahrenheit."), "echoes_instruction"),
+    (Instance("Convert the temperature from Celsius to Fahrenheit", "86 F"), "echoes_instruction"),
+])
+def test_instance_copy(inst, reason):
+    assert instance_copy(inst, DEMOS, "Convert the temperature from Celsius to Fahrenheit.") == reason
+
+
+def test_copies_needs_text_and_a_close_match():
+    assert not copies("", ["anything"]) and not copies("Write a poem.", ["", "  "])
+    assert copies("Write a poem about the sea.", ["write a poem about the sea"])
+    assert not copies("Write a poem about the sea.", ["Write a poem about the mountains in winter."])
+
+
+def test_shared_instance_index():
+    index = InstanceIndex()
+    index.add(Instance("-10 degrees Celsius", "14 degrees Fahrenheit"), "Convert the temperature.")
+    assert index.shared(Instance("-10 degrees celsius", "14 degrees Fahrenheit"), "Name a famous person.")
+    assert not index.shared(Instance("-10 degrees Celsius", "14 degrees Fahrenheit"), "convert the  temperature.")
+    assert not index.shared(Instance("-10 degrees Celsius", "15 degrees Fahrenheit"), "Name a famous person.")
+    index.add_records([{"instruction": "Say hi.", "input": "", "output": "Hi!"}])
+    assert index.shared(Instance("", "Hi!"), "Greet me.")
+
+
+@pytest.mark.parametrize("template,clf,n,first", [
+    ("self_instruct/instances_input_first.jinja", False, 16, Instance("25 degrees Celsius", "77 degrees Fahrenheit")),
+    ("self_instruct/instances_output_first.jinja", True, 34, Instance(
+        "I laughed from start to finish and would watch it again tomorrow.", "positive")),
+])
+def test_demo_instances_are_read_from_the_prompt(template, clf, n, first):
+    """The instance prompts show many varied demonstrations (11 input-first tasks, 16 output-first ones, as the
+    original code's prompts), read back with the parser the replies go through; the task itself is not one."""
+    prompt = render(template, instruction="Tell me a joke.\nExample 1\nInput: <none>\nOutput: a joke")
+    demos = demo_instances(prompt, clf)
+    assert len(demos) == n and demos[0] == first
+    assert prompt.count("\nTask:") == (12 if not clf else 17)
+    assert Instance("", "a joke") not in demos
+
+
+# What SmolLM2-135M-Instruct wrote as "instructions" on an unseen seed file, and Alpaca's human-checked ones.
+JUNK = ["John Smith, CEO of XYZ Corporation", "Elon Musk, CEO of Tesla Motors Inc.",
+        "Leonardo da Vinci, Renaissance artist", "Tone: The tone is formal and professional.",
+        "Opinion: The article discusses the benefits of using AI in business operations.",
+        "The management strategies of the organization are based on innovation and creativity.",
+        "An adventure story about a student with a disability can be found here:",
+        "When it comes to choosing the best example of a primary source, there isn't one.",
+        "The purpose of an A/B test is to compare two or more groups and determine which one performs better."]
+TASKS = ["Given a list of numbers, find the largest.", "What is the capital of France", "Is this sentence correct",
+         "You need to write a creative opening scene for a horror movie.", "Briefly explain photosynthesis.",
+         "Read the paragraph and then summarize it.", "Re-write the sentence in the passive voice.",
+         "I want you to list three fruits.", "How many legs does a spider have?", "Multiply 4 and 7."]
+
+
+@pytest.mark.parametrize("text", JUNK)
+def test_non_tasks_are_rejected(text):
+    assert not looks_like_task(text)
+    assert check_instruction(text, FilterConfig()) == (False, "not_a_task")
+    assert check_instruction(text, FilterConfig(require_task_form=False))[0]
+
+
+@pytest.mark.parametrize("text", TASKS)
+def test_tasks_pass(text):
+    assert looks_like_task(text)
+
+
+def test_task_form_keeps_every_seed_and_held_out_task():
+    from conftest import ROOT
+
+    for f in (ROOT / "seeds" / "seed_tasks.jsonl", ROOT / "heldout" / "heldout_tasks.jsonl"):
+        for line in f.read_text().splitlines():
+            assert looks_like_task(json.loads(line)["instruction"]), line
