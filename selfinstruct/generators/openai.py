@@ -29,6 +29,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -83,10 +84,11 @@ class OpenAIGenerator:
     concurrent = True
     enforces_choices = False  # asked for (structured_outputs), but a server may ignore it: answers are parsed
 
-    def __init__(self, cfg: TeacherConfig):
+    def __init__(self, cfg: TeacherConfig, health: Callable[[], None] | None = None):
         if not cfg.base_urls:
             raise UserError("the openai backend needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)")
         self.cfg = cfg
+        self.health = health  # a launched server's check: raises at once when it died (launch.Server.check)
         self.name, adapter = teacher_name(cfg)
         # A student adapter is loaded into each server at runtime (vllm serve --enable-lora with
         # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) and requested by its name.
@@ -96,6 +98,13 @@ class OpenAIGenerator:
         self.chat = cfg.prompt_format != "completion"
         self.counts: Counter = Counter()
         key = os.environ.get(cfg.api_key_env)
+        if key and not cfg.allow_plain_http:
+            for u in cfg.base_urls:
+                url = urlparse(u)
+                if url.scheme == "http" and url.hostname not in ("127.0.0.1", "localhost", "::1"):
+                    raise UserError(f"the API key (${cfg.api_key_env}) would cross the network unencrypted to "
+                                    f"{url.hostname}: use an https URL, or set teacher.allow_plain_http: true if "
+                                    "that network is trusted")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._next = 0
         self._loop = asyncio.new_event_loop()
@@ -236,9 +245,13 @@ class OpenAIGenerator:
             except asyncio.TimeoutError as e:
                 problem = f"{endpoint}: timed out after {self.cfg.request_timeout} s ({type(e).__name__})"
                 self._failed(ep, "retried_timeout")
+                if self.health is not None:
+                    self.health()
             except aiohttp.ClientError as e:
                 problem = f"{endpoint}: ConnectError: {type(e).__name__}: {e}"
                 self._failed(ep, "retried_connection")
+                if self.health is not None:  # a launched server that died: say so now, with its log
+                    self.health()
             else:
                 if status == 429:  # alive but busy: back off, keep it in rotation
                     problem = f"{endpoint}: HTTP 429"
@@ -263,12 +276,12 @@ class OpenAIGenerator:
                     try:
                         data = json.loads(text)
                         out = self._parse(data, req, bool(body.get("continue_final_message")))
-                    except (json.JSONDecodeError, AttributeError, TypeError):
+                    except (ValueError, AttributeError, TypeError, RecursionError):  # RecursionError: deep nesting
                         out = None
                     usage = data.get("usage") if out is not None and isinstance(data, dict) else None
                     if isinstance(usage, dict):  # tokens in and out, as the server counts them
-                        self.counts["tokens_in"] += int(usage.get("prompt_tokens") or 0)
-                        self.counts["tokens_out"] += int(usage.get("completion_tokens") or 0)
+                        self.counts["tokens_in"] += self._tokens(usage.get("prompt_tokens"))
+                        self.counts["tokens_out"] += self._tokens(usage.get("completion_tokens"))
                     if out is None:  # a 200 whose body is no completion: a misbehaving server, retried
                         problem = f"{endpoint}: answered 200 with a body that is not a completion: {text[:200]}"
                         self._failed(ep, "retried_bad_json")
@@ -293,10 +306,21 @@ class OpenAIGenerator:
             ep.failures = 0
             self.counts["endpoint_taken_out"] += 1
 
+    def _tokens(self, value: object) -> int:
+        """A token count from a server's `usage`; anything but a whole number is counted as bad_usage."""
+        if value is None:
+            return 0
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        self.counts["bad_usage"] += 1
+        return 0
+
     def _parse(self, data: dict, req: Request, continued: bool) -> list[Completion]:
         out = []
         for choice in data.get("choices") or []:
             text = (choice.get("message") or {}).get("content") if self.chat else choice.get("text")
+            if not isinstance(text, str | None):
+                raise TypeError("content is not a string")
             text, stopped = cut_at_stop(text or "", req.sampling.stop)
             reason = "stop" if stopped else (choice.get("finish_reason") or "stop")
             out.append(Completion(with_prefill(req, text, continued), "length" if reason == "length" else "stop"))

@@ -101,6 +101,9 @@ def engine(cfg: TeacherConfig) -> Any:
 
     check_model(cfg.model, cfg.trust_remote_code, "teacher")  # a clear message (hub, path) before vLLM's
     shutdown_engines()
+    from selfinstruct import reaper
+
+    reaper.watch()  # the engine's processes end with this one, even when it is killed
     where = "GPU" if torch.cuda.is_available() else "CPU build"
     console.print(f"starting vLLM ({where}) for {cfg.model}{' with LoRA' if lora else ''}: this takes a while",
                   markup=False, highlight=False)
