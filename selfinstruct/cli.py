@@ -24,7 +24,8 @@ from rich.markup import escape
 from selfinstruct import __version__
 from selfinstruct.config import METHODS, Config
 from selfinstruct.configfile import field_help, load_config
-from selfinstruct.errors import RunError, UserError
+from selfinstruct.errors import RunError, UserError, redact
+from selfinstruct.rundir import kind_of
 
 console = Console(stderr=True)
 
@@ -166,8 +167,8 @@ def _config(args: argparse.Namespace, resume_dir: str | None) -> Config:
     if getattr(args, "no_cache", False):
         overrides["teacher.cache"] = None
     path = args.config
-    if path is None and resume_dir and (Path(resume_dir) / "config.yaml").exists():
-        path = str(Path(resume_dir) / "config.yaml")  # a resumed run keeps the settings it started with
+    if path is None and resume_dir and kind_of(Path(resume_dir)) and (Path(resume_dir) / "config.yaml").exists():
+        path = str(Path(resume_dir) / "config.yaml")  # a resumed run of ours keeps the settings it started with
     return load_config(path, overrides)
 
 
@@ -248,8 +249,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_score(args: argparse.Namespace) -> int:
     from selfinstruct.score import score_data
 
-    run = args.data if (Path(args.data) / "config.yaml").exists() else None
-    cfg = _config(args, run)  # a run's own teacher, student and quality settings, unless flags say otherwise
+    cfg = _config(args, args.data)  # a run's own teacher, student and quality settings, unless flags say otherwise
     if args.sample is not None and args.sample < 1:
         raise UserError("--sample must be >= 1")
     scorers = getattr(args, "quality.scorers")
@@ -301,8 +301,9 @@ def preview(cfg: Config, n: int, as_json: bool) -> int:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (what `kill`, `timeout` and schedulers send): handled like Ctrl-C, so every context manager
-    runs (a launched server is stopped, the vLLM engine ends with the run) and the run stays resumable."""
+    """SIGTERM (what `kill`, `timeout` and schedulers send) or SIGHUP (the terminal closed): handled like
+    Ctrl-C, so every context manager runs (a launched server is stopped, the vLLM engine ends with the run)
+    and the run stays resumable. args[0]: the exit code (143, 129)."""
 
 
 GRACE_S = 60.0  # how long an interrupted run may take to stop before the watchdog ends it
@@ -312,11 +313,11 @@ def _on_signal(signum: int, frame: Any) -> None:
     """SIGINT and SIGTERM raise in the main thread. A native call may swallow that (vLLM's engine start-up
     polls a zmq socket for minutes), so a watchdog also ends the engine's processes and exits if the run
     has not stopped within GRACE_S seconds."""
-    code = 143 if signum == signal.SIGTERM else 130
+    code = {signal.SIGTERM: 143, signal.SIGHUP: 129}.get(signum, 130)
     watchdog = threading.Timer(GRACE_S, _force_exit, args=(code,))
     watchdog.daemon = True
     watchdog.start()
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    raise Terminated(code) if signum != signal.SIGINT else KeyboardInterrupt()
 
 
 def _force_exit(code: int) -> None:
@@ -333,21 +334,39 @@ def _force_exit(code: int) -> None:
     os._exit(code)
 
 
+def internal_error(e: Exception) -> int:
+    """An unexpected failure (a bug): what failed, the run directory, how to report it; exit 1."""
+    from selfinstruct.rundir import TAKEN
+
+    where = f" Everything accepted before it is on disk in {TAKEN[-1]}; the same command with --resume " \
+            "continues." if TAKEN else ""
+    console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(redact(str(e))[:500])}.{escape(where)} "
+                  "This is a bug in selfinstruct: please report it with the traceback, which "
+                  "SELFINSTRUCT_TRACEBACK=1 prints.", highlight=False, soft_wrap=True)
+    if os.environ.get("SELFINSTRUCT_TRACEBACK"):
+        import traceback
+
+        traceback.print_exception(e)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         return args.func(args)
     except UserError as e:
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(redact(str(e)))}", highlight=False, soft_wrap=True)
         return 2
     except RunError as e:  # StalledError among them
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(redact(str(e)))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt as e:
         console.print("[yellow]interrupted.[/] Everything accepted so far is on disk; run the same command "
                       "with --resume to continue.")
-        return 143 if isinstance(e, Terminated) else 130
+        return e.args[0] if isinstance(e, Terminated) else 130
+    except Exception as e:  # noqa: BLE001 - the last resort: a short message, never a traceback
+        return internal_error(e)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -74,6 +74,8 @@ class TeacherConfig:
                        ("auto", "vllm", "openai", "transformers"))
     base_urls: list[str] = opt([], "OpenAI-compatible server URLs (e.g. http://127.0.0.1:8000/v1).")
     api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the API key (never written out).")
+    allow_plain_http: bool = opt(False, "Send the API key over plain http to a host that is not loopback (refused "
+                                 "by default: use https).")
     prompt_format: str = opt("auto", "Send prompts as a user chat message or as plain completions. `auto`: "
                              "chat when the model has a chat template (transformers) / always for openai.",
                              ("auto", "chat", "completion"))
@@ -354,9 +356,10 @@ class RoundsConfig:
 
 @dataclass
 class QualityConfig:
-    scorers: list[str] = opt(["ifd"], "Quality scorers run on every candidate record before it is accepted: ifd "
-                             "(Instruction-Following Difficulty, a small LM's forward passes), judge (an LLM judge "
-                             "asks Self-Instruct's audit questions: 4 short requests per record). [] turns it off.")
+    scorers: list[str] | None = opt(None, "Quality scorers run on every candidate record before it is accepted: ifd "
+                                    "(Instruction-Following Difficulty: a small LM's forward passes), judge (an LLM "
+                                    "judge asks Self-Instruct's audit questions: 4 short requests per record). null: "
+                                    "[ifd] in `run` (the student is loaded there anyway), [] in `generate`.")
     ifd_model: str | None = opt(None, "The causal LM that computes IFD; default the student (train.student). Any "
                                 "small model ranks well (Superfiltering).")
     device: str = opt("auto", "Where the IFD model runs: auto, cpu, cuda or mps.")
@@ -377,7 +380,7 @@ class QualityConfig:
                      "counts whole when it has at least 8 words.")
 
     def __post_init__(self) -> None:
-        for s in self.scorers:
+        for s in self.scorers or []:
             _require(s in ("ifd", "judge"), "scorers", f"unknown scorer '{s}' (choose from ifd, judge)")
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
         _require(self.max_length >= 8, "max_length", "must be >= 8")

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from selfinstruct.config import Config, ConfigValueError, Sampling
-from selfinstruct.errors import UserError
+from selfinstruct.errors import UserError, redact
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,6 +49,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     try:
+        return _parse_file(path)
+    except RecursionError:
+        raise UserError("the config is nested too deeply to read", path) from None
+
+
+def _parse_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError("config file not found", path) from None
@@ -76,7 +83,7 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         data = {}
     if not isinstance(data, dict):
         raise UserError("the config must be a mapping of sections (teacher, generate, filters, train, eval, "
-                        "rounds)", path, 1)
+                        "rounds, quality)", path, 1)
     return data, lines
 
 
@@ -170,7 +177,9 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    """The config as a run directory records it: credentials in URLs redacted (pass --base-url again when
+    resuming a run whose server needs them)."""
+    return redact(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
 def field_help(dotted: str) -> str:

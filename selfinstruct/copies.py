@@ -52,7 +52,7 @@ def instance_copy(inst: Instance, demos: list[Instance], instruction: str) -> st
     return ""
 
 
-_SCAFFOLD = re.compile(r"^[ \t]*(?:\d+[.)][ \t]*)?(?:output|input|example[ \t]*\d+|class label|task|instruction)"
+_SCAFFOLD = re.compile(r"^[ \t]*(?:\d+[.)][ \t]*)?(?:outputs?|inputs?|example[ \t]*\d+|class label|task|instructions?)"
                        r"[ \t]*\d*[ \t]*:?[ \t]*(?:$|(?<=:).*)", re.IGNORECASE | re.MULTILINE)
 
 

@@ -9,14 +9,13 @@ message (chat). Kept records are written unchanged, in input order, as JSONL.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
 
 from selfinstruct.dedup import exact_dedup, greedy_dedup, minhash_dedup
 from selfinstruct.errors import UserError
-from selfinstruct.records import read_rows, records_source, write_atomic
+from selfinstruct.records import json_line, read_rows, records_source, write_atomic
 from selfinstruct.seeds import record_text
 
 console = Console(stderr=True)
@@ -39,7 +38,7 @@ def run_dedup(src: str, out: str, method: str, threshold: float) -> dict[str, in
     dest = Path(out)
     if dest.parent and not dest.parent.exists():
         raise UserError("the output's directory does not exist", dest.parent)
-    write_atomic(dest, "".join(json.dumps(rows[i][2], ensure_ascii=False) + "\n" for i in kept))
+    write_atomic(dest, "".join(json_line(rows[i][2]) for i in kept))
     summary = {"read": len(rows), "kept": len(kept), "removed": len(rows) - len(kept)}
     console.print(f"{method} dedup (threshold {threshold}): read {summary['read']}, kept {summary['kept']}, "
                   f"removed {summary['removed']} -> {dest}")

@@ -3,6 +3,7 @@ input (exit code 1)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -41,3 +42,12 @@ class JudgeError(RunError):
 class StalledError(RunError):
     """The teacher made no progress within the request budget (generate.max_stalled_requests); the run's
     stats and records are written, and the message says why and what to change."""
+
+
+_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of any URL in it replaced ("http://user:secret@host" -> "http://***@host"):
+    applied to everything written or printed that may hold a URL (config.yaml, the manifest, errors)."""
+    return _CREDENTIALS.sub(r"\1***@", text)

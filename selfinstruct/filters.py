@@ -58,11 +58,16 @@ def is_rouge_similar(score: float, cfg: FilterConfig) -> bool:
     return score > cfg.rouge_threshold if cfg.rouge_keep_equal else score >= cfg.rouge_threshold
 
 
-def check_evolved_instruction(text: str) -> tuple[bool, str]:
-    """What an evolved instruction must pass before the elimination rules: only that it is not empty.
-    WizardLM applies none of Self-Instruct's instruction filters (length cap, keyword blacklist, "Write a
-    program", leading punctuation): a rewrite that adds a table, code or a file's content must evolve."""
-    return (True, "") if text.strip() else (False, "empty_evolution")
+def check_evolved_instruction(text: str, require_task_form: bool = True) -> tuple[bool, str]:
+    """What an evolved instruction must pass before the elimination rules: it is not empty, and it reads as a task
+    (ours, `filters.require_task_form`: a rewrite that turned into a statement is no instruction). WizardLM
+    applies none of Self-Instruct's instruction filters (length cap, keyword blacklist, "Write a program",
+    leading punctuation): a rewrite that adds a table, code or a file's content must evolve."""
+    if not text.strip():
+        return False, "empty_evolution"
+    if require_task_form and not looks_like_task(text):
+        return False, "not_a_task"
+    return True, ""
 
 
 def clean_instances(instances: list[Instance], limit: int) -> tuple[list[Instance], list[tuple[Instance, str]]]:

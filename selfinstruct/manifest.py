@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-import re
 import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from selfinstruct.errors import redact
 from selfinstruct.records import write_json
 
 PACKAGES = ("selfinstruct", "torch", "transformers", "trl", "peft", "datasets", "vllm", "aiohttp", "rapidfuzz")
-_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
 
 
 def versions() -> dict[str, str | None]:
@@ -48,11 +47,6 @@ def git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{rev}-dirty" if rev and dirty else rev or None
-
-
-def redact(text: str) -> str:
-    """Credentials in URLs (scheme://user:secret@host) become scheme://***@host."""
-    return _USERINFO.sub(r"\1***@", text)
 
 
 def write_manifest(run_dir: Path, timings: dict[str, float], teacher_stats: dict[str, Any] | None = None,

@@ -29,7 +29,7 @@ def pick_device(device: str) -> str:
 
 # Where the user names each role's model (the advice of a load failure).
 _WHERE = {"teacher": "--teacher PATH", "student": "--student PATH", "judge": "--judge PATH",
-          "IFD": "quality.ifd_model: PATH (or --student PATH; quality.scorers: [] turns IFD off)"}
+          "IFD": "quality.ifd_model: PATH (or --student PATH; --scorers '' turns scoring off)"}
 
 
 def _cannot_load(role: str, name: str, e: Exception) -> UserError:

@@ -48,7 +48,7 @@ def show_run(run: str | Path, n: int = 5, rejected: bool = False, reason: str | 
             meta = f"{r['id']} · {r['method']} · round {r['round']} · parents {', '.join(r['parents'][:4])}"
             if r.get("lineage"):
                 meta += f" · depth {r['lineage']['depth']} ({' → '.join(r['lineage']['operations'])})"
-            out.print(Panel(body, title=meta, title_align="left"))
+            out.print(Panel(body, title=Text(meta), title_align="left"))  # Text: the data's brackets are no markup
         out.print(f"{min(n, len(rows))} of {len(rows)} accepted records")
         return len(rows)
     path = run / "rejected.jsonl"
@@ -65,7 +65,7 @@ def show_run(run: str | Path, n: int = 5, rejected: bool = False, reason: str | 
         for key, value in r.items():
             if key not in ("stage", "reason") and value not in ("", None, [], {}):
                 body.append(f"{key:<12} ", style="bold cyan").append(f"{value}\n")
-        out.print(Panel(body, title=f"[red]{r['reason']}[/] · stage {r['stage']}", title_align="left"))
+        out.print(Panel(body, title=Text(f"{r['reason']} · stage {r['stage']}", style="red"), title_align="left"))
     out.print(f"{min(n, len(picked))} of {len(picked)} rejected" + (f" for {reason}" if reason else ""))
     return len(picked)
 
@@ -165,6 +165,24 @@ def write_card(run: Path, stats: dict[str, Any], cfg: Config, records: list[dict
     write_atomic(run / "dataset" / "README.md", card_text(stats, cfg, records))
 
 
+def check_visibility(repo_id: str, private: bool) -> None:
+    """Data meant to stay private never lands in a public repo: an existing public dataset repo is refused
+    unless --public was given (`datasets` would upload into it whatever `private` says)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    try:
+        info = HfApi().repo_info(repo_id, repo_type="dataset")
+    except RepositoryNotFoundError:
+        return  # a new repo: created private unless --public
+    except Exception as e:  # network, auth, offline mode
+        raise RemoteError(f"cannot check the hub repo {repo_id}: {str(e).splitlines()[0] if str(e) else e!r}. "
+                          "Log in with `hf auth login` (or set HF_TOKEN) and check the repo id.") from None
+    if private and not info.private:
+        raise UserError(f"the hub dataset {repo_id} exists and is public: pushing would publish this data; pass "
+                        "--public to publish it, or choose another repo id")
+
+
 def push_to_hub(run: str | Path, repo_id: str, private: bool = True) -> None:
     """Upload the run's dataset (train/test) and its card with `datasets`."""
     import datasets
@@ -173,6 +191,7 @@ def push_to_hub(run: str | Path, repo_id: str, private: bool = True) -> None:
     if not (run / "dataset" / "dataset_dict.json").exists():
         raise UserError("no dataset/ here: not a finished generate run", run)
     dd = datasets.load_from_disk(str(run / "dataset"))
+    check_visibility(repo_id, private)
     try:
         dd.push_to_hub(repo_id, private=private)
         from huggingface_hub import HfApi

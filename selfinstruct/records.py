@@ -10,8 +10,10 @@ file and an atomic rename, so a crash leaves either the old file or the new one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +78,29 @@ def data_files(path: str | Path) -> list[Path]:
     return [p]
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def clean_text(text: str) -> str:
+    """A teacher's text made safe to store and show: a lone surrogate (which JSON allows and UTF-8 cannot hold)
+    becomes U+FFFD, and control characters other than tab and newlines go."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return _CONTROL.sub("", text)
+
+
+def _cleaned(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return clean_text(obj)
+    if isinstance(obj, list):
+        return [_cleaned(v) for v in obj]
+    if isinstance(obj, dict):
+        return {clean_text(k): _cleaned(v) for k, v in obj.items()}
+    return obj
+
+
 def read_rows(path: str | Path) -> Iterator[tuple[Path, int, dict[str, Any]]]:
     """Yield (file, line number, object) for every record in a JSONL file or a JSON list (or a directory)."""
     for f in data_files(path):
@@ -91,7 +116,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[Path, int, dict[str, Any]]]:
         for line, obj in rows:
             if not isinstance(obj, dict):
                 raise UserError(f"expected a JSON object, got {type(obj).__name__}", f, line)
-            yield f, line, obj
+            yield f, line, _cleaned(obj)  # a lone surrogate or a control character in a file is cleaned as a reply
 
 
 def _jsonl(text: str, f: Path) -> Iterator[tuple[int, Any]]:
@@ -102,6 +127,8 @@ def _jsonl(text: str, f: Path) -> Iterator[tuple[int, Any]]:
             yield no, json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"invalid JSON: {e.msg} (column {e.colno})", f, no) from None
+        except RecursionError:
+            raise UserError("invalid JSON: nested too deeply", f, no) from None
 
 
 def _json_list(text: str, f: Path) -> Iterator[tuple[int, Any]]:
@@ -119,6 +146,8 @@ def _json_list(text: str, f: Path) -> Iterator[tuple[int, Any]]:
             obj, pos = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise UserError(f"invalid JSON: {e.msg}", f, e.lineno) from None
+        except RecursionError:
+            raise UserError("invalid JSON: nested too deeply", f, line) from None
         yield line, obj
         while pos < len(text) and text[pos] in ws:
             pos += 1
@@ -148,19 +177,33 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 class JsonlAppender:
-    """Append-only JSONL: each `write_many` is one flush + fsync, after cutting any torn tail."""
+    """Append-only JSONL: each `write_many` is one flush + fsync, after cutting any torn tail. It keeps what a
+    checkpoint needs to recognise the file later: a running SHA-256 of its bytes, its line count and the last
+    row's id."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         _cut_torn_tail(self.path)
-        self._fh = self.path.open("a", encoding="utf-8")
+        self.digest, self.lines, self.last_id = hashlib.sha256(), 0, None
+        if self.path.exists():
+            self.digest, self.lines, self.last_id = _facts(self.path.read_bytes())
+        self._fh = self.path.open("ab")
 
     def write_many(self, rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        self._fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        data = "".join(json_line(r) for r in rows).encode("utf-8")
+        self._fh.write(data)
         self._fh.flush()
         os.fsync(self._fh.fileno())
+        self.digest.update(data)
+        self.lines += len(rows)
+        self.last_id = rows[-1].get("id")
+
+    def facts(self) -> dict[str, Any]:
+        """What state.json records of the file at a checkpoint."""
+        return {"size": self.path.stat().st_size, "sha256": self.digest.hexdigest(), "lines": self.lines,
+                "last_id": self.last_id}
 
     def close(self) -> None:
         self._fh.close()
@@ -170,6 +213,37 @@ class JsonlAppender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One JSONL line. Text that cannot be UTF-8 (a lone surrogate a teacher's JSON reply may hold) is written
+    escaped instead, so a hostile reply never stops a run."""
+    text = json.dumps(row, ensure_ascii=False) + "\n"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(row, ensure_ascii=True) + "\n"
+    return text
+
+
+def _facts(data: bytes) -> tuple[Any, int, str | None]:
+    """SHA-256, line count and last row's id of JSONL bytes."""
+    lines = data.splitlines()
+    last = None
+    if lines:
+        try:
+            last = json.loads(lines[-1]).get("id")
+        except (ValueError, AttributeError):
+            last = None
+    return hashlib.sha256(data), len(lines), last
+
+
+def prefix_facts(path: Path, size: int) -> dict[str, Any]:
+    """The facts of a file's first `size` bytes, as JsonlAppender.facts records them."""
+    with path.open("rb") as fh:
+        data = fh.read(size)
+    digest, lines, last = _facts(data)
+    return {"size": len(data), "sha256": digest.hexdigest(), "lines": lines, "last_id": last}
 
 
 def _cut_torn_tail(path: Path) -> None:
@@ -193,4 +267,9 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a teacher's reply: written escaped
+        text = json.dumps(obj, indent=2, ensure_ascii=True) + "\n"
+    write_atomic(path, text)

@@ -37,7 +37,8 @@ from selfinstruct.errors import RunError, UserError
 from selfinstruct.manifest import write_manifest
 from selfinstruct.modeling import check_model
 from selfinstruct.prompts import Prompts
-from selfinstruct.records import read_jsonl, write_atomic, write_json
+from selfinstruct.records import json_line, read_jsonl, write_atomic, write_json
+from selfinstruct.rundir import Ownership, check, kind_of, locked
 
 console = Console(stderr=True)
 
@@ -74,6 +75,8 @@ def round_config(cfg: Config, run_dir: Path, k: int) -> Config:
     c.generate.out, c.generate.resume = str(rd / "generate"), True
     c.generate.seed = cfg.generate.seed + 1000 * (k - 1)  # new demonstrations each round
     c.generate.dedup_against = [*cfg.generate.dedup_against, *earlier]
+    if c.quality.scorers is None:  # the student is loaded every round anyway: IFD scores every record
+        c.quality.scorers = ["ifd"]
     if Path(cfg.eval.heldout).exists():  # nothing the students are evaluated on may be trained on
         c.quality.decontaminate = [*cfg.quality.decontaminate, cfg.eval.heldout]
     if k > 1 and cfg.rounds.generator == "student":
@@ -150,7 +153,7 @@ def check_run(cfg: Config) -> None:
     # when they run in-process, so a typo fails now and not after round 1's generation.
     trust = cfg.teacher.trust_remote_code
     check_model(cfg.train.student, trust, "student")
-    if "ifd" in cfg.quality.scorers and cfg.quality.ifd_model:
+    if "ifd" in (cfg.quality.scorers or ["ifd"]) and cfg.quality.ifd_model:
         check_model(cfg.quality.ifd_model, trust, "IFD")
     NgramIndex.from_paths(cfg.quality.decontaminate, cfg.quality.ngram)  # a bad evaluation file fails now
     if cfg.teacher.backend != "openai" and not cfg.teacher.base_urls and not cfg.teacher.launch:
@@ -160,13 +163,10 @@ def check_run(cfg: Config) -> None:
     recipe.inputs(cfg.generate.seeds)
 
 
-def prepare_run(cfg: Config) -> tuple[Config, Path]:
-    """The run directory (made, with config.yaml) and the config as the run records it."""
-    run_dir = Path(cfg.rounds.out or Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-rounds")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the run directory: {e.strerror}", run_dir) from None
+def prepare_run(cfg: Config, owner: Ownership) -> tuple[Config, Path]:
+    """The run directory (claimed and locked, with config.yaml) and the config as the run records it."""
+    owner.take()
+    run_dir = owner.path
     cfg = dataclasses.replace(share_engine(cfg), rounds=dataclasses.replace(cfg.rounds, out=str(run_dir)))
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     return cfg, run_dir
@@ -181,7 +181,7 @@ def train_data(run_dir: Path, k: int) -> Path:
                        f"(why: {gen / 'stats.json'}, {gen / 'rejected.jsonl'}). Try a stronger "
                        "teacher, longer max_tokens, or more instructions.")
     path = run_dir / f"round-{k}" / "train-data.jsonl"
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_atomic(path, "".join(json_line(r) for r in rows))
     return path
 
 
@@ -226,14 +226,20 @@ def write_run_manifest(cfg: Config, run_dir: Path) -> None:
 
 
 def run_rounds(cfg: Config) -> Path:
-    """`selfinstruct run`: check, prepare the directory, run every round (resuming), write the manifest."""
+    """`selfinstruct run`: check, prepare the directory, run every round (resuming), write the manifest. The
+    directory is locked for the whole run (one process at a time)."""
+    owner = Ownership(Path(cfg.rounds.out or Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-rounds"), "run")
+    check(owner.path, "run")
     check_run(cfg)
-    cfg, run_dir = prepare_run(cfg)
-    for k in range(1, cfg.rounds.rounds + 1):
-        console.rule(f"round {k} of {cfg.rounds.rounds}")
-        run_round(cfg, run_dir, k)
-        console.print(report_table(write_report(run_dir)))
-    write_run_manifest(cfg, run_dir)
+    try:
+        cfg, run_dir = prepare_run(cfg, owner)
+        for k in range(1, cfg.rounds.rounds + 1):
+            console.rule(f"round {k} of {cfg.rounds.rounds}")
+            run_round(cfg, run_dir, k)
+            console.print(report_table(write_report(run_dir)))
+        write_run_manifest(cfg, run_dir)
+    finally:
+        owner.release()
     return run_dir
 
 
@@ -243,10 +249,13 @@ def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
 
     Prompts(cfg.generate.prompts_dir).check(JUDGE_TEMPLATES)
     cfg = share_engine(cfg)
+    if kind_of(run_dir) != "run":
+        raise UserError("not a `selfinstruct run` directory", run_dir)
     k = 1
-    while stage_done(run_dir / f"round-{k}" / "train"):
-        stage(run_dir / f"round-{k}" / "eval", "eval", k, lambda k=k: evaluate_stage(cfg, run_dir, k))
-        k += 1
+    with locked(run_dir):  # not while a `run` is writing it
+        while stage_done(run_dir / f"round-{k}" / "train"):
+            stage(run_dir / f"round-{k}" / "eval", "eval", k, lambda k=k: evaluate_stage(cfg, run_dir, k))
+            k += 1
     if k == 1:
         raise UserError("no round of this run has finished training yet", run_dir)
     report = write_report(run_dir)

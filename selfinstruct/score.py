@@ -15,7 +15,6 @@ outputs/<date>-<time>-score):
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from selfinstruct.generate.vetting import Candidate, make_gate
 from selfinstruct.generators import make_generator
 from selfinstruct.generators.base import choice_mode
 from selfinstruct.prompts import Prompts
-from selfinstruct.records import read_rows, records_source, write_atomic, write_json
+from selfinstruct.records import json_line, read_rows, records_source, write_atomic, write_json
 from selfinstruct.scoring import TEMPLATES
 from selfinstruct.seeds import read_task
 
@@ -106,8 +105,8 @@ def score_data(cfg: Config, data: str, scorers: list[str], out: str | None = Non
                      **({"reason": c.reason, "why": c.why} if c.reason else {})})
     path = Path(out) if out else default_out(data)
     path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / "scored.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_atomic(path / "selected.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows
+    write_atomic(path / "scored.jsonl", "".join(json_line(r) for r in rows))
+    write_atomic(path / "selected.jsonl", "".join(json_line(r) for r in rows
                                                   if r["selected"]))
     summary = {"data": str(data), "scorers": scorers, "records": len(rows), "selected": sum(kept),
                "dropped": {r: sum(c.reason == r for c in cands) for r in ("low_quality", "contaminated")},

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from selfinstruct.dedup import RougePool
 from selfinstruct.errors import UserError
@@ -182,7 +183,9 @@ def alerts_table(alerts: list[dict[str, Any]]) -> Table:
     for col in ("stage", "reason", "steps", "candidates", "a reply", "likely fix"):
         t.add_column(col, justify="right" if col in ("steps", "candidates") else "left", overflow="fold")
     for a in alerts:
-        t.add_row(a["stage"], a["reason"], str(a["steps"]), str(a["candidates"]), repr(a["sample"][:120]), a["fix"])
+        # A reply is data: Text, so "[/INST]" in it is shown, not read as markup.
+        t.add_row(a["stage"], a["reason"], str(a["steps"]), str(a["candidates"]), Text(repr(a["sample"][:120])),
+                  a["fix"])
     return t
 
 

@@ -14,10 +14,12 @@ TRL's SFTTrainer, which uses them as they are.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.packing import IGNORE, PackedCollator, pack
 from selfinstruct.prompts import PROMPTS_DIR
 from selfinstruct.records import write_atomic, write_json
+from selfinstruct.rundir import Ownership, check
 
 console = Console(stderr=True)
 DEFAULT_CHAT_TEMPLATE = PROMPTS_DIR / "chat" / "default.jinja"
@@ -215,6 +218,7 @@ class TrainJob:
     dropped: int = 0
     trained_tokens: int = 0
     collator: Any = None
+    owner: Ownership | None = None  # the output directory's marker and lock (rundir.py), taken on rank 0
 
 
 def check_train(cfg: Config) -> TrainJob:
@@ -225,9 +229,11 @@ def check_train(cfg: Config) -> TrainJob:
     train_convs, eval_convs = load_training_data(tcfg.data)
     train_convs, mix = mix_in(train_convs, tcfg)
     out = Path(tcfg.out) if tcfg.out else default_out(tcfg.data)
+    check(out, "train")  # a user's own directory is never written into
     if (out / "adapter").exists() and not tcfg.resume:
         raise UserError("an adapter is already there: pass --resume or another --out", out)
-    return TrainJob(cfg=cfg, out=out, train_convs=train_convs, eval_convs=eval_convs, mix=mix)
+    return TrainJob(cfg=cfg, out=out, train_convs=train_convs, eval_convs=eval_convs, mix=mix,
+                    owner=Ownership(out, "train"))
 
 
 def prepare_train(job: TrainJob) -> None:
@@ -247,10 +253,54 @@ def prepare_train(job: TrainJob) -> None:
     if job.packing == "mask":
         job.train_ds = datasets.Dataset.from_list(pack(list(job.train_ds), tcfg.max_length))
         job.collator = PackedCollator(job.tok.pad_token_id)
-    if int(os.environ.get("RANK", "0")) == 0:  # only now, with data and model known usable, is anything written
-        job.out.mkdir(parents=True, exist_ok=True)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0:
+        job.owner.take()  # the marker, and the lock for the rest of the run (one process at a time)
+    own_checkpoints(job, write=rank0)  # every rank checks (a refusal must stop them all); rank 0 writes
+    if rank0:  # only now, with data and model known usable, is anything written
         resolved = dataclasses.replace(job.cfg, train=dataclasses.replace(tcfg, out=str(job.out)))
         write_atomic(job.out / "config.yaml", dump_yaml(resolved))
+
+
+def fingerprint(job: TrainJob) -> str:
+    """What a checkpoint must come from to be resumed: the training data (after mixing) and every setting that
+    shapes the optimisation (train.out, resume, logging and saving aside)."""
+    tcfg = dataclasses.asdict(job.cfg.train)
+    for k in ("out", "resume", "data", "logging_steps", "save_steps", "merge"):
+        tcfg.pop(k)
+    blob = json.dumps({"train": job.train_convs, "eval": job.eval_convs, "config": tcfg}, sort_keys=True,
+                      ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def own_checkpoints(job: TrainJob, write: bool) -> None:
+    """--resume continues only checkpoints of this very training (fingerprint.json); a fresh start clears any
+    left by an earlier one, so a later --resume cannot pick them up."""
+    path, ckpt = job.out / "fingerprint.json", job.out / "checkpoints"
+    mine = fingerprint(job)
+    if job.cfg.train.resume and last_complete_checkpoint(ckpt) is not None:
+        theirs = json.loads(path.read_text()).get("fingerprint") if path.exists() else None
+        if theirs != mine:
+            raise UserError("the checkpoints here come from a training with other data or settings (fingerprint.json "
+                            "differs or is missing): resuming them would mix two runs; use another --out, or start "
+                            "afresh without --resume", job.out)
+    elif ckpt.exists() and write:
+        shutil.rmtree(ckpt)
+    if write:
+        write_json(path, {"fingerprint": mine})
+
+
+def save_adapter(trainer: Any, tok: Any, out: Path) -> None:
+    """The adapter and its tokenizer, written beside and then moved into place, so `out` never holds half of one."""
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def sft_config(job: TrainJob) -> Any:
@@ -315,8 +365,7 @@ def write_outputs(job: TrainJob, trainer: Any, result: Any, waste: float, elapse
     if not trainer.is_world_process_zero():
         return
     tcfg, out = job.cfg.train, job.out
-    trainer.model.save_pretrained(str(out / "adapter"))
-    job.tok.save_pretrained(str(out / "adapter"))
+    save_adapter(trainer, job.tok, out / "adapter")
     write_json(out / "metrics.json", {
         "student": tcfg.student,
         "train_examples": len(job.train_convs) - job.dropped,
@@ -347,6 +396,9 @@ def run_train(cfg: Config, callbacks: list[Any] | None = None) -> Path:
     config.yaml (and <out>/merged with train.merge). Runs unchanged under torchrun / accelerate
     launch; only rank 0 writes. `callbacks` are extra Trainer callbacks. Returns <out>."""
     job = check_train(cfg)
-    prepare_train(job)
-    write_outputs(job, *fit(job, callbacks or []))
+    try:
+        prepare_train(job)
+        write_outputs(job, *fit(job, callbacks or []))
+    finally:
+        job.owner.release()
     return job.out

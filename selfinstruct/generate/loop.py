@@ -36,11 +36,11 @@ from selfinstruct.generate.run import (
     Step,
     check_run_dir,
     default_run_dir,
-    make_run_dir,
     pool_tasks,
     pool_texts,
     records_of_run,
     restore,
+    verify_checkpoint,
 )
 from selfinstruct.generate.vetting import make_gate, select_top
 from selfinstruct.generators import make_generator
@@ -48,6 +48,7 @@ from selfinstruct.generators.base import choice_mode
 from selfinstruct.generators.launch import launched_server
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import read_jsonl, write_atomic, write_json
+from selfinstruct.rundir import Ownership, kind_of
 from selfinstruct.seeds import SeedTask, load_tasks
 
 console = Console(stderr=True)
@@ -114,18 +115,23 @@ def run_generate(cfg: Config, round_no: int = 1) -> Path:
     out = Path(gcfg.out) if gcfg.out else default_run_dir(gcfg.method)
     check_run_dir(out, gcfg.resume)
     cfg = dataclasses.replace(cfg, generate=dataclasses.replace(gcfg, out=str(out)))  # as config.yaml records it
-    gate = make_gate(cfg, prompts)  # the IFD model and the evaluation sets load now: a bad one fails early
+    owner = Ownership(out, "generate")
     with contextlib.ExitStack() as stack:
+        stack.callback(owner.release)
+        if kind_of(out) == "generate":  # a run of ours: lock it before anything costly (one process at a time)
+            owner.take()
+        gate = make_gate(cfg, prompts)  # the IFD model and the evaluation sets load now: a bad one fails early
         stack.callback(gate.close)
         teacher_cfg = cfg.teacher
         if teacher_cfg.launch:  # the server's log belongs to the run, so the directory comes first
-            make_run_dir(out)
-            url = stack.enter_context(launched_server(teacher_cfg, out / "teacher-server.log"))
-            teacher_cfg = dataclasses.replace(teacher_cfg, backend="openai", base_urls=[url])
-        teacher = make_generator(teacher_cfg)
+            owner.take()
+            server = stack.enter_context(launched_server(teacher_cfg, out / "teacher-server.log"))
+            teacher_cfg = dataclasses.replace(teacher_cfg, backend="openai", base_urls=[server.url])
+        teacher = make_generator(teacher_cfg, server.check if teacher_cfg.launch else None)
         stack.callback(teacher.close)
         gate.judge_mode = gate.judge_mode or choice_mode(teacher)  # the teacher judges unless eval.judge is another
-        make_run_dir(out)
+        owner.take()
+        verify_checkpoint(out)  # a resumed run's files are what it wrote, before anything is rewritten
         write_atomic(out / "config.yaml", dump_yaml(cfg))
         return generate(Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds, extra_pool=extra_pool,
                             extra_tasks=extra_tasks, prompts=prompts, round=round_no, gate=gate))

@@ -203,7 +203,7 @@ def _json_items(text: str, key: str, truncated: bool) -> tuple[list, list[tuple[
     body = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", text)
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's parser goes
         if truncated:
             return _complete_items(body, key), [(text.strip(), "truncated")]
         return [], [(text.strip(), "invalid_json")]
@@ -221,7 +221,7 @@ def _complete_items(body: str, key: str) -> list:
         i = len(body) - len(body[i:].lstrip(" \t\r\n,"))
         try:
             item, i = decoder.raw_decode(body, i)
-        except ValueError:
+        except (ValueError, RecursionError):
             return items
         items.append(item)
 

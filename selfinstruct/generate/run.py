@@ -18,6 +18,7 @@ Layout of a run directory:
     config.yaml       the resolved config          generated.jsonl   accepted records (append + fsync)
     rejected.jsonl    rejected candidates + reason  state.json        counters and step, per batch
     stats.json        the final counts              dataset/          HF datasets DatasetDict (train/test)
+    selection.json    while quality.keep_top is being applied (vetting.py): the journal that finishes it
 """
 
 from __future__ import annotations
@@ -45,7 +46,17 @@ from selfinstruct.generate.alerts import raise_alert, uniform_failure
 from selfinstruct.generate.vetting import Candidate, Gate, apply_journal
 from selfinstruct.generators import Completion, Generator, Request
 from selfinstruct.prompts import OURS, Prompts
-from selfinstruct.records import JsonlAppender, Record, read_jsonl, read_rows, records_source, write_json
+from selfinstruct.records import (
+    JsonlAppender,
+    Record,
+    prefix_facts,
+    read_jsonl,
+    read_rows,
+    records_source,
+    write_json,
+)
+from selfinstruct.rundir import check
+from selfinstruct.scoring import QUESTIONS
 from selfinstruct.seeds import SeedTask, load_tasks, record_text
 
 OUTPUT_FILES = ("generated.jsonl", "rejected.jsonl")
@@ -164,7 +175,7 @@ class Run:
         write_json(self.dir / "state.json", {
             "step": self.step, "stalled_requests": self.stalled_requests, "n_records": self.n_records,
             "counts": dict(self.counts), "reasons": dict(self.reasons), "alerts": self.alerts, "recipes": recipes,
-            "sizes": {name: (self.dir / name).stat().st_size for name in OUTPUT_FILES}})
+            "files": {f.path.name: f.facts() for f in (self._accepted, self._rejected)}})
 
     def screen(self, instruction: str, n_fresh: int | None, exclude: Collection[int] = (),
                instruction_filters: bool = True) -> tuple[bool, str, dict[str, Any]]:
@@ -173,7 +184,9 @@ class Run:
         (`n_fresh`: instructions this step has kept so far; None: no cap). A kept instruction joins the
         pool at once, so later candidates of the same step see it; its pool position is returned as
         extra["pool_index"]."""
-        check = (lambda t: check_instruction(t, self.cfg.filters)) if instruction_filters else check_evolved_instruction
+        filters = self.cfg.filters
+        check = ((lambda t: check_instruction(t, filters)) if instruction_filters else
+                 (lambda t: check_evolved_instruction(t, filters.require_task_form)))
         ok, reason = check(instruction)
         if not ok:
             return False, reason, {}
@@ -260,8 +273,11 @@ class Step:
 
     def vet(self, cands: list[Candidate]) -> None:
         """Quality scores and decontamination of candidates (no lock held): each gets scores and a reason."""
-        if self.run.gate is not None:
-            self.run.gate.vet(cands, self.ask)
+        gate = self.run.gate
+        if gate is not None and cands:
+            gate.vet(cands, self.ask)
+            if "judge" in gate.q.scorers:
+                self.counts["requests/judge"] += len(cands) * len(QUESTIONS)
 
     def admit(self, c: Candidate, stage: str, **extra: Any) -> bool:
         """In the "commit" section: whether `c` becomes a record. A vetted reason, or an (input, output) pair
@@ -321,14 +337,13 @@ def restore(run: Run) -> None:
     for t in run.extra_tasks:  # earlier rounds' pairs: a copy of one is a shared instance here too
         run.instances.add_records({"instruction": t.instruction, "input": i.input, "output": i.output}
                                   for i in t.instances)
-    apply_journal(run.dir)  # a keep_top selection cut short: finish it first (its sizes are the checkpoint's)
-    state_path = run.dir / "state.json"
-    state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else None
+    apply_journal(run.dir)  # a keep_top selection cut short: finish it first (its facts are the checkpoint's)
+    state = verify_checkpoint(run.dir)
     # Rows appended after the last checkpoint belong to a step that did not finish: cut them, the
     # step is redone with the same seeds.
     for name in OUTPUT_FILES:
         path = run.dir / name
-        keep = state["sizes"][name] if state else 0
+        keep = state["files"][name]["size"] if state else 0
         if path.exists() and path.stat().st_size > keep:
             with path.open("r+b") as fh:
                 fh.truncate(keep)
@@ -348,6 +363,35 @@ def restore(run: Run) -> None:
     for rej in read_jsonl(run.dir / "rejected.jsonl"):
         if rej.get("in_pool"):
             run.pool.add(rej["instruction"])
+
+
+def verify_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """state.json, once the files are shown to be what it checkpointed: each file at least as long as then, and
+    its checkpointed prefix the same bytes (SHA-256), lines and last id. A mismatch (a file replaced, edited or
+    cut by something else) refuses the resume and touches nothing; so do output files without a state.json."""
+    path = run_dir / "state.json"
+    if not path.exists():
+        present = [n for n in OUTPUT_FILES if (run_dir / n).exists() and (run_dir / n).stat().st_size]
+        if present:
+            raise UserError(f"{present[0]} is here but state.json is not: not a run this tool can resume; nothing "
+                            "was touched", run_dir)
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        files = state["files"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError("state.json is unreadable, or from an earlier version of selfinstruct: this run cannot be "
+                        "resumed; nothing was touched", path) from None
+    for name in OUTPUT_FILES:
+        want, f = files[name], run_dir / name
+        have = prefix_facts(f, want["size"]) if f.exists() else None
+        if have != want:
+            what = "is missing" if have is None else ("is shorter than" if have["size"] < want["size"] else
+                                                       "differs from what was written before")
+            raise UserError(f"{name} {what} at the last checkpoint (state.json: {want['lines']} rows, last id "
+                            f"{want['last_id']}): it was changed by something else, so the run cannot be resumed "
+                            "safely; nothing was touched", f)
+    return state
 
 
 def records_of_run(run: Run) -> list[dict[str, Any]]:
@@ -371,21 +415,11 @@ def default_run_dir(method: str) -> Path:
 
 
 def check_run_dir(out: Path, resume: bool) -> None:
-    """Refuse to mix two runs in one directory unless asked to resume (writes nothing)."""
-    if out.exists() and not out.is_dir():
-        raise UserError("--out exists and is not a directory", out)
+    """Refuse, writing nothing: a directory that is not ours (rundir.py), another kind of run, or a run that is
+    there already unless asked to resume it."""
+    check(out, "generate")
     if not resume and out.is_dir() and any((out / f).exists() for f in ("generated.jsonl", "state.json")):
         raise UserError("this directory already holds a run: pass --resume to continue it, or another --out", out)
-
-
-def make_run_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write the run directory: {e.strerror}", out) from None
 
 
 # ---------------------------------------------------------------- helpers every recipe's requests use

@@ -3,9 +3,11 @@
     step(run, s)   # step s.k, called by loop.generate (several in flight) until the target is reached
 
 A step: `request_batch_size` prompts of 8 demo instructions (6 human + 2 machine, seeded draw)
--> the teacher continues each numbered list -> parse -> filters -> ROUGE-L against the pool
--> "is it classification?" -> instances, output-first for classification, input-first otherwise
--> instance clean-up -> records. Every dropped item is written to rejected.jsonl with its reason.
+-> the teacher continues each numbered list -> parse -> a copy of a demo? -> filters -> ROUGE-L against the
+pool -> "is it classification?" -> instances, output-first for classification (asked again input-first when
+the reply shows one class label), input-first otherwise -> instance clean-up and copy checks -> quality
+scores and decontamination (vetting.py) -> shared instances -> records. Every dropped item is written to
+rejected.jsonl with its reason.
 
 Steps in flight: step k's machine demos come from the instructions accepted by steps up to k - 1 - lag
 (lag = max(1, steps in flight - 1)), so its lists can be generated while earlier steps are still
@@ -190,14 +192,17 @@ def step(run: Run, s: Step) -> None:
     is_clf = [bool(v) for v in verdicts]
     s.alert("classify", ["classify_unclear" if v is None else "" for v in verdicts], [a[0].text for a in answers])
 
-    # 4. Instances.
-    stop = list(cfg.instance_sampling.stop) + [f"Example {cfg.max_instances + 1}"]
-    inst_requests = [
-        Request(run.prompts.render(t, instruction=i), seeded(cfg.instance_sampling, rng, stop=stop),
-                prefill=run.prompts.render(REPLY[t]))
-        for (i, _, _), clf in zip(fresh, is_clf, strict=True) for t in [T_OUTPUT_FIRST if clf else T_INPUT_FIRST]]
-    inst_outs = s.ask(inst_requests)
-    s.counts["requests/instances"] += len(inst_requests)
+    # 4. Instances. A "classification" whose reply shows one class label was no classification (a weak teacher
+    # answers Yes to most tasks): it is asked again, input-first.
+    inst_outs = s.ask(instance_requests(run, [i for i, _, _ in fresh], is_clf, rng))
+    s.counts["requests/instances"] += len(fresh)
+    redo = [k for k, clf in enumerate(is_clf) if clf and one_label(inst_outs[k][0].text)]
+    if redo:
+        again = s.ask(instance_requests(run, [fresh[k][0] for k in redo], [False] * len(redo), rng))
+        s.counts["requests/instances"] += len(redo)
+        s.counts["reclassified"] += len(redo)
+        for k, out in zip(redo, again, strict=True):
+            inst_outs[k], is_clf[k] = out, False
 
     tasks = instance_candidates(run, s, fresh, is_clf, inst_outs)
     s.vet([c for *_, cands in tasks for c in cands])
@@ -225,6 +230,20 @@ def step(run: Run, s: Step) -> None:
         st.pending -= len(fresh)
         st.committed(s.k, len(run.machine), lag)
         s.commit()
+
+
+def instance_requests(run: Run, instructions: list[str], is_clf: list[bool], rng: random.Random) -> list[Request]:
+    """Instance generation, output-first for classification tasks, input-first otherwise (greedy)."""
+    cfg = run.cfg.generate
+    stop = list(cfg.instance_sampling.stop) + [f"Example {cfg.max_instances + 1}"]
+    return [Request(run.prompts.render(t, instruction=i), seeded(cfg.instance_sampling, rng, stop=stop),
+                    prefill=run.prompts.render(REPLY[t]))
+            for i, clf in zip(instructions, is_clf, strict=True) for t in [T_OUTPUT_FIRST if clf else T_INPUT_FIRST]]
+
+
+def one_label(reply: str) -> bool:
+    """An output-first reply whose instances all carry one class label."""
+    return len({normalise(i.output) for i in parse_instances(reply, True)}) == 1
 
 
 def instance_candidates(run: Run, s: Step, fresh: list[tuple[str, list[str], float]], is_clf: list[bool],

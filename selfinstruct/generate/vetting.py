@@ -13,6 +13,7 @@ its scores in rejected.jsonl, with `why`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.generators import Completion, Generator, Request, make_generator, resolve_backend
 from selfinstruct.generators.base import choice_mode
 from selfinstruct.prompts import Prompts
-from selfinstruct.records import read_jsonl, write_atomic, write_json
+from selfinstruct.records import json_line, prefix_facts, read_jsonl, write_atomic, write_json
 from selfinstruct.roles import judge_config
 from selfinstruct.scoring import IFDScorer, judge_requests, quality, read_judgements
 from selfinstruct.seeds import Instance
@@ -117,7 +118,7 @@ def make_gate(cfg: Config, prompts: Prompts) -> Gate:
     """The gate `cfg.quality` asks for; every model and file it needs is loaded now (a bad one fails before the
     run writes anything). A judge other than the teacher runs on the teacher's backend and servers; without one
     the caller sets `judge_mode` from the teacher."""
-    q = cfg.quality
+    q = dataclasses.replace(cfg.quality, scorers=list(cfg.quality.scorers or []))  # null: none (`run` sets its own)
     index = NgramIndex.from_paths(q.decontaminate, q.ngram) if q.decontaminate else None
     ifd = None
     if "ifd" in q.scorers:
@@ -154,7 +155,7 @@ def select_top(run_dir: Path, keep_top: float) -> int:
     dropped = sorted(order[keep:])
     rows = [{"stage": "selection", "reason": "low_quality", "why": f"outside quality.keep_top {keep_top}",
              **{k: records[i][k] for k in ("id", "instruction", "input", "output", "scores")}} for i in dropped]
-    write_json(run_dir / JOURNAL, {"rows": rows, "sizes": state["sizes"]})
+    write_json(run_dir / JOURNAL, {"rows": rows, "files": state["files"]})
     apply_journal(run_dir)
     return len(rows)
 
@@ -168,16 +169,17 @@ def apply_journal(run_dir: Path) -> None:
     journal = json.loads(path.read_text(encoding="utf-8"))
     ids = {r["id"] for r in journal["rows"]}
     kept = [r for r in read_jsonl(run_dir / "generated.jsonl") if r["id"] not in ids]
-    write_atomic(run_dir / "generated.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    write_atomic(run_dir / "generated.jsonl", "".join(json_line(r) for r in kept))
     rejected = run_dir / "rejected.jsonl"
     with rejected.open("r+b") as fh:
-        fh.truncate(journal["sizes"]["rejected.jsonl"])
-    with rejected.open("a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in journal["rows"]))
+        fh.truncate(journal["files"]["rejected.jsonl"]["size"])
+    with rejected.open("ab") as fh:
+        fh.write("".join(json_line(r) for r in journal["rows"]).encode("utf-8"))
     state = json.loads((run_dir / "state.json").read_text(encoding="utf-8"))
     if not state.get("selected"):
         state["reasons"]["low_quality"] = state["reasons"].get("low_quality", 0) + len(journal["rows"])
-    sizes = {name: (run_dir / name).stat().st_size for name in ("generated.jsonl", "rejected.jsonl")}
-    state.update(selected=True, sizes=sizes)
+    files = {name: prefix_facts(run_dir / name, (run_dir / name).stat().st_size)
+             for name in ("generated.jsonl", "rejected.jsonl")}
+    state.update(selected=True, files=files)
     write_json(run_dir / "state.json", state)
     path.unlink()
