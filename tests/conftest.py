@@ -21,28 +21,26 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 # Fast generation settings for tiny models (the paper's defaults are tested in test_config). The tiny
-# models run on transformers: `auto` would start a vLLM engine where vllm-cpu is installed (as in CI). No
-# quality scorer: IFD would load the default student from the hub (tests of scoring turn it on).
-FAST_CONFIG = """\
+# models run on transformers: `auto` would start a vLLM engine where vllm-cpu is installed (as in CI).
+FAST_CONFIG = f"""\
 teacher:
   backend: transformers
 eval:
   backend: transformers
 generate:
+  prompts_dir: {tiny.TEST_PROMPTS}
   request_batch_size: 4
   max_stalled_requests: 200
-  instruction_sampling: {temperature: 1.0, top_p: 1.0, max_tokens: 96, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}
-  instance_sampling: {temperature: 0.0, max_tokens: 96, stop: ["Task:"]}
-  alpaca: {sampling: {temperature: 1.0, max_tokens: 160}}
-  evol: {rounds: 2, batch_size: 5, evolve_sampling: {temperature: 1.0, max_tokens: 48},
-         response_sampling: {temperature: 1.0, max_tokens: 64}}
+  instruction_sampling: {{temperature: 1.0, top_p: 1.0, max_tokens: 96, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}}
+  instance_sampling: {{temperature: 0.0, max_tokens: 96, stop: ["Task:"]}}
+  alpaca: {{sampling: {{temperature: 1.0, max_tokens: 160}}}}
+  evol: {{rounds: 2, batch_size: 5, evolve_sampling: {{temperature: 1.0, max_tokens: 48}},
+         response_sampling: {{temperature: 1.0, max_tokens: 64}}}}
 train:
   epochs: 2
   batch_size: 4
   logging_steps: 1
   max_length: 256
-quality:
-  scorers: []
 """
 
 
@@ -168,7 +166,8 @@ def smollm2_adapter(smollm2_dir, tmp_path_factory) -> Path:
 RECIPE_TARGET = 3  # accepted instructions (self-instruct, alpaca); evol evolves twice this many seeds once
 
 
-def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path) -> tuple[list[dict], dict]:
+def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path,
+                          extra: dict | None = None) -> tuple[list[dict], dict]:
     """`method` on SmolLM2 with `backend` (in this process, so a vLLM engine already started is reused) at
     CPU-sized lengths; fails the calling test unless the run reaches its target (no stall) and every record
     passes the filters that admitted it. Returns the records and stats.json."""
@@ -192,7 +191,8 @@ def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path)
         "generate.method": method, "generate.seed": 1, "generate.seeds": str(ROOT / "seeds"),
         "generate.out": str(out), "generate.num_instructions": RECIPE_TARGET, "generate.request_batch_size": 4,
         "generate.evol.rounds": 1, "generate.evol.max_inputs": 2 * RECIPE_TARGET,
-        "generate.evol.batch_size": 2 * RECIPE_TARGET, "quality.ifd_model": str(model_dir)})
+        "generate.evol.batch_size": 2 * RECIPE_TARGET, "quality.scorers": ["ifd"], "quality.ifd_model": str(model_dir),
+        **(extra or {})})
     g = cfg.generate
     g.instruction_sampling = dataclasses.replace(g.instruction_sampling, max_tokens=160)
     g.instance_sampling = dataclasses.replace(g.instance_sampling, max_tokens=160)
@@ -215,4 +215,34 @@ def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path)
             assert check_instruction(r["instruction"], FilterConfig())[0], r["instruction"]
             assert check_instance(Instance(r["input"], r["output"]))[0], r
             assert r["scores"]["rouge_max"] < 0.7 and r["scores"]["list_format"] == "text"
+    assert_no_copied_instances(records, method)
+    for r in records:  # every record was scored (IFD on SmolLM2 itself) and passed the default threshold
+        assert 0 < r["scores"]["ifd"] < 1 and 0 <= r["scores"]["quality"] <= 1, r
     return records, stats
+
+
+def assert_no_copied_instances(records: list[dict], method: str) -> None:
+    """No (input, output) pair under two instructions, and no input or output of three words or more found in
+    the prompt that produced it (its demonstrations): checked on the rendered prompt text, independently of
+    the copy checks under test."""
+    from selfinstruct.dedup import normalise
+    from selfinstruct.prompts import render
+    from selfinstruct.seeds import load_tasks
+
+    owner: dict[tuple[str, str], str] = {}
+    for r in records:
+        first = owner.setdefault((normalise(r["input"]), normalise(r["output"])), r["instruction"])
+        assert first == r["instruction"], f"shared instance: {r} (first under {first!r})"
+    seeds = {t.id: t for t in load_tasks(ROOT / "seeds")}
+    for r in records:
+        if method == "self-instruct":
+            clf = r["scores"]["is_classification"]
+            shown = render(f"self_instruct/instances_{'output' if clf else 'input'}_first.jinja", instruction="")
+        elif method == "alpaca":
+            shown = "\n".join(f"{seeds[p].instruction}\n{seeds[p].instances[0].input}\n{seeds[p].instances[0].output}"
+                              for p in r["parents"])
+        else:
+            continue
+        for field in ("input", "output"):
+            text = normalise(r[field])
+            assert len(text.split()) < 3 or text not in normalise(shown), f"{field} copied from the prompt: {r}"

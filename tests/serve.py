@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -136,6 +137,51 @@ class FaultyProxy:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> FaultyProxy:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+class ScriptedServer:
+    """A minimal OpenAI-compatible chat server on 127.0.0.1 whose reply to each request is `script(prompt)` (the
+    last user message), sent as JSON (a lone surrogate in the text stays a valid `\\udXXX` escape), with a `usage`
+    of `usage` (anything, to test what a server may send). Counts the requests it answered."""
+
+    def __init__(self, script, usage: object = None):
+        import threading
+
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import Response
+        from starlette.routing import Route
+
+        self.answered = 0
+
+        async def chat(request: Request) -> Response:
+            body = json.loads(await request.body())
+            prompt = next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+            self.answered += 1
+            n = body.get("n", 1)
+            data = {"choices": [{"index": i, "message": {"role": "assistant", "content": script(prompt)},
+                                 "finish_reason": "stop"} for i in range(n)], "usage": usage}
+            return Response(json.dumps(data, ensure_ascii=True), media_type="application/json")
+
+        app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ScriptedServer:
         self.thread.start()
         while not self.server.started:
             time.sleep(0.05)

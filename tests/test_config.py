@@ -43,6 +43,13 @@ def test_toml_file(tmp_path):
     ("teacher:\n  backend: gpt\n", 2, "must be one of"),
     ("teacher: [1, 2]\n", 1, "must be a mapping"),
     ("generate:\n  seeds: [unclosed\n", 3, "invalid YAML"),
+    ("quality:\n  scorers: [ifd, vibes]\n", 2, "unknown scorer 'vibes'"),
+    ("quality:\n  keep_top: 0\n", 2, "'quality.keep_top': must be in (0, 1]"),
+    ("quality:\n  max_ifd: -1\n", 2, "'quality.max_ifd': must be > 0"),
+    ("quality:\n  min_judge: 7\n", 2, "'quality.min_judge': must be between 1 and 5"),
+    ("quality:\n  min_quality: high\n", 2, "must be a number"),
+    ("quality:\n  decontaminate: [1, 2]\n", 2, "must be a list of str"),
+    ("quality:\n  ngram: 2\n", 2, "'quality.ngram': must be >= 4"),
 ])
 def test_bad_yaml_names_file_and_line(tmp_path, text, line, needle):
     f = tmp_path / "bad.yaml"

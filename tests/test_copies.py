@@ -96,3 +96,18 @@ def test_task_form_keeps_every_seed_and_held_out_task():
     for f in (ROOT / "seeds" / "seed_tasks.jsonl", ROOT / "heldout" / "heldout_tasks.jsonl"):
         for line in f.read_text().splitlines():
             assert looks_like_task(json.loads(line)["instruction"]), line
+
+
+@pytest.mark.parametrize("inst,leak", [
+    (Instance("Output: The company seeks wisdom.", "active voice"), True),   # a reply the parser could not split
+    (Instance("a", "Output: 1-3\nOutput: 2-4"), True),
+    (Instance("", "Classic film.\n3. Instructions:\nUse a lion."), True),     # Alpaca's scaffolding
+    (Instance("x", "Example 2"), True),
+    (Instance("In the output: x", "The task: do it."), False),               # the words, not the scaffolding
+    (Instance("Outputs are nice", "Input validation matters"), False),
+])
+def test_format_leak(inst, leak):
+    from selfinstruct.copies import format_leak
+
+    assert format_leak(inst) == leak
+    assert (instance_copy(inst, [], "Do something useful.") == "format_leak") == leak

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from conftest import ROOT
 from serve import transformers_serve
 
@@ -83,19 +84,21 @@ def test_sigkill_at_random_moments_then_resume(teacher_dir, fast_config, tmp_pat
         read_jsonl(run / "rejected.jsonl"))
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(teacher_dir, fast_config, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_ctrl_c_stops_cleanly_and_resumes(teacher_dir, fast_config, tmp_path, sig, code):
+    """Ctrl-C, or the terminal closing (SIGHUP): a clean stop, exit 130 / 129, and --resume finishes."""
     run = tmp_path / "run"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     args = ["generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--num-instructions", 12,
             "--out", run, "--config", fast_config]
     proc = start(args, env)
     assert wait_for(lambda: (run / "state.json").exists(), proc), "finished before Ctrl-C could land"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "--resume" in err and "Traceback" not in err
     state = json.loads((run / "state.json").read_text())
-    checkpointed = (run / "generated.jsonl").read_bytes()[: state["sizes"]["generated.jsonl"]]
+    checkpointed = (run / "generated.jsonl").read_bytes()[: state["files"]["generated.jsonl"]["size"]]
     assert checkpointed.endswith(b"\n") or not checkpointed  # the checkpoint ends on a whole record
     before = [json.loads(line) for line in checkpointed.decode().splitlines()]
     assert [x["id"] for x in before] == [f"r1-{k:06d}" for k in range(1, state["n_records"] + 1)]
@@ -127,7 +130,7 @@ def test_full_disk_mid_run_is_a_clear_error_and_resume_finishes(tmp_path, monkey
     def filling_up(self, rows):
         calls["n"] += 1
         if calls["n"] == 3:  # step 2's first append: half a line reaches the disk, then ENOSPC
-            self._fh.write('{"id": "torn')
+            self._fh.write(b'{"id": "torn')
             self._fh.flush()
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, rows)
@@ -146,11 +149,11 @@ def test_unwritable_run_directory_is_a_user_error(tmp_path, monkeypatch):
     import pytest
 
     from selfinstruct.errors import UserError
-    from selfinstruct.generate.run import make_run_dir
+    from selfinstruct.rundir import claim
 
     def refuse(self, *a, **k):
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(type(tmp_path), "write_text", refuse)  # (tests run as root: chmod would not stop us)
     with pytest.raises(UserError, match="cannot write the run directory: Permission denied"):
-        make_run_dir(tmp_path / "out")
+        claim(tmp_path / "out", "generate")

@@ -36,6 +36,8 @@ def test_evolved_instructions_skip_the_self_instruct_filters():
         assert not check_instruction(text, CFG)[0]
         assert check_evolved_instruction(text) == (True, "")
     assert check_evolved_instruction("   ") == (False, "empty_evolution")
+    assert check_evolved_instruction("The garden was beautiful.") == (False, "not_a_task")  # ours, not WizardLM's
+    assert check_evolved_instruction("The garden was beautiful.", require_task_form=False) == (True, "")
 
 
 def test_blacklist_is_whole_word_and_configurable():

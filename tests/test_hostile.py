@@ -19,7 +19,7 @@ from selfinstruct.generate.loop import generate
 from selfinstruct.generate.parse import parse_alpaca, parse_equal, parse_instances, parse_instructions, parse_yes_no
 from selfinstruct.generate.run import Run
 from selfinstruct.generators import Completion
-from selfinstruct.generators.base import Blocking
+from selfinstruct.generators.base import Blocking, with_prefill
 from selfinstruct.records import read_jsonl
 from selfinstruct.seeds import Instance, SeedTask, load_conversations, load_tasks
 
@@ -27,26 +27,34 @@ from selfinstruct.seeds import Instance, SeedTask, load_conversations, load_task
 # an unrelated submission fail); raise max_examples locally to search harder.
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+# What hostile input is made of: lone surrogates (valid in JSON, impossible in UTF-8), control characters, Rich
+# markup, and nesting deeper than Python's parsers go.
+hostile = st.lists(st.sampled_from(["[/INST]", "[bold]", "[/]", "[red]x[/red]", "\\", "\x00", "\x07", "\ufffd", "é"])
+                   | st.characters(categories=["Cs", "Cc"]) | st.text(max_size=6), max_size=8).map("".join)
+deep = st.integers(200, 4000).map(lambda d: "[" * d + "]" * d)
+texts = st.text() | hostile
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
                            lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=12), c, max_size=4),
                            max_leaves=12)
 seed_like = st.fixed_dictionaries({}, optional={
-    "id": json_values, "name": json_values, "instruction": st.text() | json_values, "input": st.text() | json_values,
-    "output": st.text() | json_values, "is_classification": json_values,
-    "instances": st.lists(st.fixed_dictionaries({}, optional={"input": st.text() | json_values,
-                                                               "output": st.text() | json_values}), max_size=3)
+    "id": json_values, "name": json_values, "instruction": texts | json_values, "input": texts | json_values,
+    "output": texts | json_values, "is_classification": json_values,
+    "instances": st.lists(st.fixed_dictionaries({}, optional={"input": texts | json_values,
+                                                               "output": texts | json_values}), max_size=3)
     | json_values,
     "messages": st.lists(st.fixed_dictionaries({}, optional={
         "role": st.sampled_from(["user", "assistant", "system", "tool", ""]) | json_values,
-        "content": st.text() | json_values}), max_size=3) | json_values})
+        "content": texts | json_values}), max_size=3) | json_values})
 
 
 @SETTINGS
-@given(rows=st.lists(seed_like | json_values, max_size=5), as_list=st.booleans(), junk=st.binary(max_size=40))
-def test_seed_files_load_or_say_where(tmp_path_factory, rows, as_list, junk):
+@given(rows=st.lists(seed_like | json_values, max_size=5), as_list=st.booleans(), junk=st.binary(max_size=40),
+       nested=deep)
+def test_seed_files_load_or_say_where(tmp_path_factory, rows, as_list, junk, nested):
     path = tmp_path_factory.mktemp("seeds") / "s.jsonl"
     text = json.dumps(rows) if as_list else "\n".join(json.dumps(r) for r in rows)
-    for data in (text.encode(), text.encode() + junk, junk):
+    deep_row = f'{{"instruction": "Say hi.", "output": {nested}}}'
+    for data in (text.encode(), text.encode() + junk, junk, deep_row.encode(), f"[{deep_row}]".encode()):
         path.write_bytes(data)
         for load in (load_tasks, load_conversations):
             try:
@@ -66,12 +74,14 @@ keys = st.sampled_from(["model", "backend", "num_instructions", "rouge_threshold
 @given(doc=st.dictionaries(sections, st.dictionaries(keys, config_leaf | st.dictionaries(keys, config_leaf,
                                                                                            max_size=3), max_size=4)
                            | config_leaf, max_size=4),
-       raw=st.text(max_size=60), suffix=st.sampled_from([".yaml", ".toml"]))
-def test_config_files_load_or_say_where(tmp_path_factory, doc, raw, suffix):
+       raw=st.text(max_size=60) | hostile, suffix=st.sampled_from([".yaml", ".toml"]), nested=deep)
+def test_config_files_load_or_say_where(tmp_path_factory, doc, raw, suffix, nested):
     import yaml
 
     d = tmp_path_factory.mktemp("cfg")
-    for name, text in (("a.yaml", yaml.safe_dump(doc)), ("b" + suffix, raw)):
+    deep_doc = f"generate:\n  seeds: {nested}\n" if suffix == ".yaml" else f"[generate]\nseeds = {nested}\n"
+    for name, text in (("a.yaml", yaml.safe_dump(doc)), ("b" + suffix, raw.encode("utf-8", "replace").decode()),
+                       ("c" + suffix, deep_doc)):
         path = d / name
         path.write_text(text)
         try:
@@ -80,11 +90,19 @@ def test_config_files_load_or_say_where(tmp_path_factory, doc, raw, suffix):
             assert str(path) in str(e)
 
 
+deep_json_reply = deep.map(lambda d: '{"instructions": ' + d + "}")
+
+
 @SETTINGS
-@given(text=st.text(max_size=400) | st.sampled_from([
+@given(text=st.text(max_size=400) | hostile | deep | deep_json_reply | st.sampled_from([
     "", "\n\n", "1.", "Example 1\nInput:\nOutput:", "Class label:\n", "###", "1. Instruction:\n1. Input:\n1. Output:",
     "\x00\ufffd", "Sorry", "[[", "Not Equal Equal", "a" * 5000]), truncated=st.booleans(), clf=st.booleans())
 def test_teacher_output_parsers_never_raise(text, truncated, clf):
+    from selfinstruct.generate.parse import parse_alpaca_json, parse_instructions_json
+
+    for parse in (parse_instructions_json, parse_alpaca_json):  # JSON-mode replies, nesting included
+        got, why = parse(text, truncated)
+        assert isinstance(got, list) and all(reason for _, reason in why)
     items, dropped = parse_instructions(text, truncated)
     assert all(isinstance(r, str) and r for _, r in dropped)
     cfg = Config().filters
@@ -102,7 +120,8 @@ def test_teacher_output_parsers_never_raise(text, truncated, clf):
 
 
 class GarbageTeacher(Blocking):
-    """A real loop around a teacher that answers whatever hypothesis draws (fault injection)."""
+    """A real loop around a teacher that answers whatever hypothesis draws (fault injection), its replies built as
+    every backend builds them (with_prefill, which cleans hostile text)."""
 
     name = "garbage"
 
@@ -111,10 +130,10 @@ class GarbageTeacher(Blocking):
 
     def generate(self, requests):
         out = []
-        for _ in requests:
+        for req in requests:
             text, reason = self.texts[self.i % len(self.texts)]
             self.i += 1
-            out.append([Completion(text, reason)])
+            out.append([Completion(with_prefill(req, text, False), reason)])
         return out
 
     def close(self):
@@ -123,9 +142,10 @@ class GarbageTeacher(Blocking):
 
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(texts=st.lists(st.tuples(st.text(max_size=300) | st.sampled_from(
+@given(texts=st.lists(st.tuples(st.text(max_size=300) | hostile | st.sampled_from(
     ["Write a poem about tea.\n10. Describe the sea at night.", "Example 1\nInput: a\nOutput: b", "Yes", "No",
-     "Equal", "Not Equal", "#Rewritten Prompt#: x", "Sorry.", "the of and", ""]),
+     "Equal", "Not Equal", "#Rewritten Prompt#: x", "Sorry.", "the of and", "",
+     "Write a poem about [/INST] \ud83d.\n10. Describe the sea [bold].", "Example 1\nInput: \ud83d\nOutput: [/]b"]),
     st.sampled_from(["stop", "length"])), min_size=1, max_size=12),
     method=st.sampled_from(["self-instruct", "alpaca", "evol"]))
 def test_generation_with_garbage_teacher_counts_every_rejection(tmp_path_factory, texts, method):

@@ -6,7 +6,7 @@ import json
 import pytest
 from conftest import ROOT, cli
 
-from selfinstruct.manifest import redact
+from selfinstruct.errors import redact
 from selfinstruct.records import read_jsonl
 
 SECRET = "sk-secret-7Q2x-DO-NOT-WRITE"
@@ -87,7 +87,57 @@ def test_export_names_cannot_escape_the_run(run, name):
 def test_push_to_hub_offline_is_a_clear_failure(run):
     r = cli("export", run, "--format", "chat", "--push-to-hub", "someone/data",
             env={"HF_HUB_OFFLINE": "1", "HF_TOKEN": SECRET})
-    assert r.returncode == 1 and "push to the hub failed" in r.stderr and SECRET not in r.stderr
+    assert r.returncode == 1 and "cannot check the hub repo" in r.stderr and SECRET not in r.stderr
+
+
+class FakeHub:
+    """A hub on 127.0.0.1 that knows one public dataset repo (someone/public), no other, and fails every upload."""
+
+    def __enter__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from serve import free_port
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                if self.path.startswith("/api/datasets/someone/public"):
+                    body = json.dumps({"id": "someone/public", "private": False, "sha": "0" * 40, "siblings": [],
+                                       "tags": [], "author": "someone", "downloads": 0, "likes": 0}).encode()
+                    self.send_response(200)
+                elif self.path.startswith("/api/datasets/"):
+                    body = b'{"error": "Repository not found"}'
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RepoNotFound")
+                else:
+                    body = b"{}"
+                    self.send_response(500)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_PUT = do_GET  # noqa: N815 - uploads fail (500 or 404)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+
+
+def test_push_to_hub_never_publishes_into_a_public_repo_unasked(run):
+    with FakeHub() as hub:
+        env = {"HF_HUB_OFFLINE": "0", "HF_TOKEN": SECRET, "HF_ENDPOINT": hub.url}
+        r = cli("export", run, "--format", "chat", "--push-to-hub", "someone/public", env=env)
+        assert r.returncode == 2 and "exists and is public" in r.stderr and "--public" in r.stderr
+        for repo, flags in (("someone/public", ["--public"]), ("someone/new", [])):  # the check lets these through
+            r = cli("export", run, "--format", "chat", "--push-to-hub", repo, *flags, env=env)
+            assert r.returncode == 1 and "push to the hub failed" in r.stderr and SECRET not in r.stderr
 
 
 def test_no_secret_in_any_written_file(run):

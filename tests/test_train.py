@@ -206,6 +206,37 @@ def test_resume_reaches_the_same_final_step(random_model_dir, tmp_path):
     assert fresh.seen == list(range(1, total + 1))  # no checkpoint there: --resume starts from step 1
 
 
+def test_resume_takes_only_its_own_checkpoints_and_the_adapter_is_swapped_whole(random_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """Checkpoints of another training (other data) in the same --out are refused on --resume (exit 2, nothing
+    written); a fresh start clears them. A save that fails half-way leaves the earlier adapter whole."""
+    from selfinstruct.errors import UserError
+
+    a, b = alpaca_file(tmp_path / "a.json", 16), alpaca_file(tmp_path / "b.json", 16, prefix="Spell the number")
+    out = tmp_path / "t"
+    run_train(small_cfg(a, random_model_dir, out, save_steps=2), callbacks=[StopAt(2).callback])
+    assert (out / "checkpoints" / "checkpoint-2").exists()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="other data or settings"):
+        run_train(small_cfg(b, random_model_dir, out, save_steps=2, resume=True))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    def broken_save(self, *a, **k):  # fault injection: the tokenizer's save fails after the weights were written
+        raise OSError(28, "No space left on device (injected)")
+
+    import transformers
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", broken_save)
+    with pytest.raises(OSError):
+        run_train(small_cfg(b, random_model_dir, out, save_steps=2))  # a fresh start: b's checkpoints only
+    monkeypatch.undo()
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter  # the old adapter, whole
+    assert not (out / "adapter.tmp").exists() or not (out / "adapter.tmp" / "tokenizer_config.json").exists()
+    run_train(small_cfg(b, random_model_dir, out, save_steps=2, resume=True))  # b's own checkpoints: resumed
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != adapter
+
+
 def test_merge_gives_the_adapter_model(random_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -148,3 +148,19 @@ def test_judge_verdicts_are_choices(chat, tmp_path):
     w = compare(Config(eval=EvalConfig()), chat, items, ["Paris.", "Red."], ["Bananas.", "Trains."], "vs_base",
                 tmp_path / "j.jsonl")
     assert w["unparsed_verdicts"] == 0 and w["verdict_mode"] == "choice" and w["n"] == 2
+
+
+def test_records_are_judged_on_the_engine(chat, smollm2_dir, tmp_path):
+    """quality.scorers [ifd, judge]: the teacher's own engine answers the audit questions as enforced choices, every
+    accepted record carries them, and stats.json holds the audit of what was accepted."""
+    from conftest import run_recipe_on_smollm2
+
+    records, stats = run_recipe_on_smollm2(smollm2_dir, "self-instruct", "vllm", tmp_path / "run",
+                                           {"quality.scorers": ["ifd", "judge"]})
+    assert _ENGINE["llm"] is chat.llm
+    for r in records:
+        j = r["scores"]["judge"]
+        assert j["mode"] == "choice" and j["unparsed"] == 0 and j["score"] in range(1, 6)
+    audit = stats["quality"]["accepted"]["judge"]["audit"]
+    assert audit["records"] == len(records) and audit["valid task"]["n"] == len(records)
+    assert stats["requests"]["instances"] >= stats["accepted_instructions"]

@@ -1,10 +1,11 @@
-"""vLLM as real processes, with SmolLM2-135M-Instruct: SIGTERM on a run with the in-process engine leaves
-no engine process behind and the run resumes; `--launch` starts a real vLLM OpenAI server, waits for its
-health, generates (through a student adapter loaded at runtime) and stops it on success, on an error
-and on Ctrl-C with no process left behind."""
+"""vLLM as real processes, with SmolLM2-135M-Instruct: SIGKILL of a run on the in-process engine leaves no
+engine process behind and the run resumes; `--launch` starts a real vLLM OpenAI server (CPU build: without
+chunked prefill), waits for its health, generates through a student adapter loaded at runtime and stops it;
+two rounds with the student generating. What a launch does on Ctrl-C, on an error, on SIGKILL and when the
+server dies is the same for any server: test_backends.py tests it on `transformers serve`, which starts in
+seconds rather than minutes."""
 
 import json
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -68,19 +69,21 @@ def server_pid(log: Path) -> int:
     return int(log.read_text().split("Started server process [")[1].split("]")[0])
 
 
-def test_sigterm_ends_the_engine_and_the_run_resumes(smollm2_dir, tmp_path):
+def test_sigkill_leaves_no_engine_process_and_the_run_resumes(smollm2_dir, tmp_path):
+    """kill -9 of a run on the in-process engine: its EngineCore and Worker are ended by the run's watcher
+    (reaper.py) within 45 s, and --resume finishes the run. (SIGTERM, SIGINT and SIGHUP end the engine through
+    the CLI's handler: test_durability.py.)"""
     run = tmp_path / "run"
     args = ["generate", "--seeds", SEEDS, "--teacher", smollm2_dir, "--backend", "vllm", "--out", run,
             "--config", config(tmp_path)]
-    with (tmp_path / "err.log").open("w") as err:
-        proc = subprocess.Popen(["selfinstruct", *map(str, args)], stdout=subprocess.DEVNULL, stderr=err)
-        wait_for(lambda: (run / "state.json").exists(), proc, "first checkpoint")  # the engine is generating
-        engine = psutil.Process(proc.pid).children(recursive=True)
-        assert engine, "vLLM started no engine process"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(300) == 143
-    assert all_gone(engine), "vLLM processes outlived the run"
-    assert "--resume" in (tmp_path / "err.log").read_text()
+    proc = subprocess.Popen(["selfinstruct", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (run / "state.json").exists(), proc, "first checkpoint")  # the engine is generating
+    engine = psutil.Process(proc.pid).children(recursive=True)
+    assert len(engine) >= 2, "vLLM started no engine process"
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(engine, timeout=45)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "vLLM processes outlived the run"
     state = json.loads((run / "state.json").read_text())
     before = read_jsonl(run / "generated.jsonl")
     assert state["step"] >= 1
@@ -112,34 +115,6 @@ def test_launch_serves_a_student_adapter_loaded_at_runtime(smollm2_dir, smollm2_
     rewrites = [x["instruction"] for x in read_jsonl(run / "rejected.jsonl") + read_jsonl(run / "generated.jsonl")]
     assert rewrites and all("Banana!" in x for x in rewrites)
     assert not psutil.pid_exists(server_pid(log)), "the launched server outlived the run"
-
-
-def test_launch_stops_the_server_on_ctrl_c(smollm2_dir, tmp_path):
-    cfg = config(tmp_path, serve_command("--max-model-len", "1024"))
-    run = tmp_path / "run"
-    log = run / "teacher-server.log"
-    proc = subprocess.Popen(["selfinstruct", "generate", "--seeds", str(SEEDS), "--teacher", str(smollm2_dir),
-                             "--launch", "--out", str(run), "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: log.exists() and "POST /v1/chat/completions" in log.read_text(), proc, "a request")
-    server = psutil.Process(server_pid(log))
-    family = [server, *server.children(recursive=True)]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(300) == 130
-    assert all_gone(family), "the launched server outlived the run"
-
-
-def test_launch_stops_the_server_on_an_error(smollm2_dir, tmp_path):
-    """The server comes up, then rejects a request (max_tokens beyond its context): exit 2, server stopped."""
-    cfg = config(tmp_path, serve_command("--max-model-len", "256"))
-    cfg.write_text(cfg.read_text().replace("max_tokens: 64}", "max_tokens: 2000}"))
-    run = tmp_path / "run"
-    r = cli("generate", "--seeds", SEEDS, "--teacher", smollm2_dir, "--launch", "--out", run, "--config", cfg)
-    assert r.returncode == 2 and "rejected the request with HTTP 400" in r.stderr, r.stderr
-    log = run / "teacher-server.log"
-    assert "Application startup complete" in log.read_text()  # it was up: the error came after health
-    assert not psutil.pid_exists(server_pid(log))
-
 
 
 ROUNDS = """\

@@ -14,10 +14,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from selfinstruct.evaluate import T_JUDGE
 from selfinstruct.generate.evol import T_EQUAL, T_OPS, T_RESPONSE
 from selfinstruct.generate.self_instruct import T_CLASSIFY, T_INPUT_FIRST, T_INSTRUCTIONS, T_OUTPUT_FIRST
-from selfinstruct.prompts import render
+from selfinstruct.prompts import Prompts
 from selfinstruct.seeds import load_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
+# The tiny teachers learn the prompts of tests/data/prompts (short instance prompts: they train in seconds),
+# and the tests that use them run with generate.prompts_dir set to it; every other prompt is ours.
+TEST_PROMPTS = ROOT / "tests" / "data" / "prompts"
+render = Prompts(TEST_PROMPTS).render
+
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
            "<|end_header_id|>", "<|eot_id|>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>", "<s>", "</s>",
            "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "[INST]", "[/INST]"]
