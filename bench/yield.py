@@ -1,4 +1,5 @@
-"""Yield of each recipe on a real chat teacher: accepted records per 100 teacher requests.
+"""Yield of each recipe on a real chat teacher: accepted records per 100 teacher requests, how many of them the
+judge calls valid, and the share of copies among the candidates.
 
     python bench/yield.py MODEL [--recipes self-instruct,alpaca,evol] [--target 30] [--budget 150]
                                 [--backend vllm] [--before REV] [--before-budget 32] [--list-format text]
@@ -8,9 +9,13 @@ Each recipe runs on MODEL (a model directory or .gguf file; made for SmolLM2-135
 round) or has spent `--budget` teacher requests, all stages counted (instruction lists, Yes/No
 questions, instances, rewrites, Equal checks, responses), at CPU-sized lengths (`max_tokens` 256,
 Alpaca's lists 384) and 4 prompts per step, no response cache, seed 0, the recipes' own temperatures.
-A stall (generate.max_stalled_requests, 64) ends a run as it would end the user's. Prints per recipe:
-how it stopped (done, budget, or the stall), requests spent, accepted records and instructions per 100
-requests, generated tokens per accepted record, the top rejection reasons and the loud-stall alerts.
+A stall (generate.max_stalled_requests, 64) ends a run as it would end the user's. The quality gate runs as
+a user's would (IFD on MODEL itself, quality.max_ifd 1). Prints per recipe: how it stopped (done, budget, or
+the stall), requests spent, accepted records and instructions per 100 requests, records the judge (MODEL, the
+four audit questions, asked after the run and not counted as generation requests) calls a valid task and all
+valid per 100 requests, the share of copies (copies_demo, echoes_instruction, format_leak, shared_instance
+among the records plus those rejections), generated tokens per accepted record, the top rejection reasons
+and the loud-stall alerts.
 
 `--before REV` also runs the same with the code of git revision REV (a temporary worktree put first on
 PYTHONPATH) for `--before-budget` requests, on the transformers backend (vLLM's CPU build could not run
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -81,6 +87,9 @@ def one(model: str, method: str, backend: str, budget: int, target: int, out: Pa
                  "generate.evol.rounds": 1, "generate.evol.batch_size": 8, "generate.evol.max_inputs": target}
     if list_format != "text":
         overrides["generate.list_format"] = list_format
+    judging = importlib.util.find_spec("selfinstruct.scoring") is not None  # code with the quality gate
+    if judging:
+        overrides["quality.ifd_model"] = model
     cfg = load_config(None, overrides)
     g = cfg.generate
     short = {"max_tokens": STAGE_TOKENS}
@@ -112,11 +121,31 @@ def one(model: str, method: str, backend: str, budget: int, target: int, out: Pa
                                   for x in (out / "rejected.jsonl").read_text().splitlines())
     state = json.loads((out / "state.json").read_text())
     stats = teacher.inner.stats if hasattr(teacher.inner, "stats") else {}
+    tokens_out = stats.get("tokens_out", 0)
+    valid = judge(teacher.inner, records) if judging and records else {"task": None, "all": None}
+    copied = sum(reasons[r] for r in COPIES)
     return {"code": str(Path(selfinstruct.__file__).parent.parent), "method": method, "backend": backend,
             "stopped": stopped, "requests": teacher.spent, "records": len(records),
-            "instructions": len({r["instruction"] for r in records}),
-            "tokens_out": stats.get("tokens_out", 0), "reasons": dict(reasons.most_common(4)),
+            "instructions": len({r["instruction"] for r in records}), "valid_task": valid["task"],
+            "all_valid": valid["all"], "copy_share": copied / (copied + len(records)) if copied + len(records) else 0,
+            "tokens_out": tokens_out, "reasons": dict(reasons.most_common(4)),
             "alerts": sorted(state.get("alerts", {}))}
+
+
+COPIES = ("copies_demo", "echoes_instruction", "format_leak", "shared_instance")
+
+
+def judge(teacher: object, records: list[dict]) -> dict[str, int]:
+    """How many records the judge calls a valid task, and valid in all three audit questions."""
+    from selfinstruct.config import Sampling
+    from selfinstruct.generators.base import choice_mode
+    from selfinstruct.prompts import Prompts
+    from selfinstruct.scoring import all_valid, judge_requests, read_judgements
+
+    items = [(r["instruction"], r["input"], r["output"]) for r in records]
+    outs = teacher.generate(judge_requests(Prompts(), items, Sampling(temperature=0.0, max_tokens=4)))
+    judged = read_judgements(outs, choice_mode(teacher))
+    return {"task": sum(bool(j["task"]) for j in judged), "all": sum(all_valid(j) for j in judged)}
 
 
 def run_child(args: argparse.Namespace, method: str, backend: str, pythonpath: str | None, label: str) -> dict:
@@ -132,17 +161,23 @@ def run_child(args: argparse.Namespace, method: str, backend: str, pythonpath: s
     lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
     if r.returncode != 0 or not lines:
         return {"label": label, "method": method, "backend": backend, "stopped": f"crashed: see {out.parent}",
-                "requests": 0, "records": 0, "instructions": 0, "tokens_out": 0, "reasons": {}, "alerts": []}
+                "requests": 0, "records": 0, "instructions": 0, "tokens_out": 0, "reasons": {}, "alerts": [],
+                "valid_task": None, "all_valid": None, "copy_share": 0}
     return {"label": label, **json.loads(lines[-1])}
 
 
 def show(row: dict) -> None:
     n = max(row["requests"], 1)
     per_record = f"{row['tokens_out'] / row['records']:.0f}" if row["records"] else "-"
+
+    def per100(k: str) -> str:
+        return "-" if row.get(k) is None else f"{100 * row[k] / n:5.1f}"
+
     print(f"{row['label']:7} {row['method']:13} {row['backend']:12} requests {row['requests']:3}  "
           f"records {row['records']:3} ({100 * row['records'] / n:5.1f}/100)  "
           f"instructions {row['instructions']:3} ({100 * row['instructions'] / n:5.1f}/100)  "
-          f"tokens/record {per_record:>5}  stopped: {row['stopped']}")
+          f"judged valid task {per100('valid_task')}/100, all valid {per100('all_valid')}/100  "
+          f"copies {100 * row.get('copy_share', 0):.0f}%  tokens/record {per_record:>5}  stopped: {row['stopped']}")
     print(f"        top rejections: {row['reasons']}  alerts: {row['alerts'] or 'none'}", flush=True)
 
 
