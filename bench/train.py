@@ -74,7 +74,7 @@ def eval_loss(student: Path, adapter: Path, convs: list[list[dict]], tok) -> flo
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from selfinstruct.train import IGNORE, tokenize_conversation
+    from selfinstruct.masking import IGNORE, tokenize_conversation
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student), str(adapter)).eval()
     total, count = 0.0, 0

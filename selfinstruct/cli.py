@@ -1,4 +1,4 @@
-"""Command line: argument parsing only; each command calls one function.
+"""Command line: parses arguments and dispatches; each command calls one function.
 
     selfinstruct generate --seeds seeds/ --teacher Qwen/Qwen2.5-1.5B-Instruct --num-instructions 100
     selfinstruct train --data outputs/<run> --student Qwen/Qwen2.5-0.5B
@@ -10,11 +10,8 @@ Exit codes: 0 success, 2 bad usage or bad input (the message names file, line an
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from selfinstruct.config import METHODS, Config
 from selfinstruct.configfile import field_help, load_config
 from selfinstruct.errors import RunError, UserError, redact
 from selfinstruct.rundir import kind_of
+from selfinstruct.signals import Terminated, handled
 
 console = Console(stderr=True)
 
@@ -34,8 +32,33 @@ def _flag(p: argparse.ArgumentParser, flag: str, key: str, **kw: Any) -> None:
     p.add_argument(flag, dest=key, default=None, help=field_help(key), **kw)
 
 
+DESCRIPTION = ("Grow an instruction-tuning dataset from a few seed tasks with a teacher model (Self-Instruct, "
+               "Alpaca, Evol-Instruct), check and score every record, LoRA-tune a student on it, and measure "
+               "whether each round made the student better.")
+EXAMPLES = {
+    "generate": "selfinstruct generate --seeds seeds/ --teacher Qwen/Qwen2.5-1.5B-Instruct --num-instructions 100",
+    "run": "selfinstruct run --seeds seeds/ --teacher Qwen/Qwen2.5-1.5B-Instruct --student Qwen/Qwen2.5-0.5B "
+           "--rounds 2",
+    "eval": "selfinstruct eval outputs/20260101-120000-rounds --judge Qwen/Qwen2.5-7B-Instruct",
+    "train": "selfinstruct train --data outputs/20260101-120000-self-instruct --student Qwen/Qwen2.5-0.5B",
+    "merge": "selfinstruct merge outputs/train/adapter --out merged/",
+    "dedup": "selfinstruct dedup alpaca_data.json --out deduped.jsonl --threshold 0.7",
+    "show": "selfinstruct show outputs/20260101-120000-self-instruct --rejected --reason copies_demo",
+    "export": "selfinstruct export outputs/20260101-120000-self-instruct --format sharegpt",
+    "score": "selfinstruct score alpaca_data.json --scorers ifd --model Qwen/Qwen2.5-0.5B --sample 200",
+    "stats": "selfinstruct stats outputs/20260101-120000-self-instruct",
+}
+
+
+def with_examples(sub: Any) -> None:
+    """Every subcommand's help ends with a one-line example."""
+    for name, p in sub.choices.items():
+        p.epilog = f"example: {EXAMPLES[name]}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="selfinstruct", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="selfinstruct", description=DESCRIPTION,
+                                     epilog="example: " + EXAMPLES["generate"])
     parser.add_argument("--version", action="version", version=f"selfinstruct {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -144,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="Print a generate run's counts and diversity statistics.")
     st.add_argument("run", metavar="RUN_DIR")
     st.set_defaults(func=cmd_stats)
+    with_examples(sub)
     return parser
 
 
@@ -204,6 +228,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args, None)
     if args.preview is not None:
+        from selfinstruct.preview import preview
+
         return preview(cfg, args.preview, args.json)
     from selfinstruct.train import run_train
 
@@ -265,75 +291,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def preview(cfg: Config, n: int, as_json: bool) -> int:
-    """Tokenise the first n training examples and show which tokens are trained."""
-    from transformers import AutoTokenizer
-
-    from selfinstruct.dataset import load_training_data
-    from selfinstruct.modeling import resolve_model
-    from selfinstruct.train import IGNORE, prepare_tokenizer, tokenize_conversation
-
-    if cfg.train.data is None:
-        raise UserError("train --preview needs --data")
-    convs, _ = load_training_data(cfg.train.data)
-    try:
-        tok = AutoTokenizer.from_pretrained(resolve_model(cfg.train.student))
-    except OSError as e:
-        raise UserError(f"cannot load the student's tokenizer '{cfg.train.student}': {e}") from None
-    prepare_tokenizer(tok, cfg.train.chat_template)
-    shown = []
-    for conv in convs[:n]:
-        row = tokenize_conversation(tok, conv, cfg.train.max_length)
-        shown.append([{"token": tok.decode([i]), "id": i, "trained": lab != IGNORE}
-                      for i, lab in zip(row["input_ids"], row["labels"], strict=True)])
-    if as_json:
-        print(json.dumps(shown, ensure_ascii=False))
-        return 0
-    out = Console()
-    for k, toks in enumerate(shown):
-        out.rule(f"example {k} · {sum(t['trained'] for t in toks)} of {len(toks)} tokens trained "
-                 "([green]green[/] = trained)")
-        for t in toks:
-            out.print(t["token"], style="bold green" if t["trained"] else "dim", end="", markup=False,
-                      highlight=False)
-        out.print()
-    return 0
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what `kill`, `timeout` and schedulers send) or SIGHUP (the terminal closed): handled like
-    Ctrl-C, so every context manager runs (a launched server is stopped, the vLLM engine ends with the run)
-    and the run stays resumable. args[0]: the exit code (143, 129)."""
-
-
-GRACE_S = 60.0  # how long an interrupted run may take to stop before the watchdog ends it
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    """SIGINT and SIGTERM raise in the main thread. A native call may swallow that (vLLM's engine start-up
-    polls a zmq socket for minutes), so a watchdog also ends the engine's processes and exits if the run
-    has not stopped within GRACE_S seconds."""
-    code = {signal.SIGTERM: 143, signal.SIGHUP: 129}.get(signum, 130)
-    watchdog = threading.Timer(GRACE_S, _force_exit, args=(code,))
-    watchdog.daemon = True
-    watchdog.start()
-    raise Terminated(code) if signum != signal.SIGINT else KeyboardInterrupt()
-
-
-def _force_exit(code: int) -> None:
-    import multiprocessing
-
-    children = multiprocessing.active_children()  # vLLM's EngineCore processes (they end their workers)
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.join(10)
-        if child.is_alive():
-            child.kill()
-    console.print("[red]the run did not stop in time after the signal; its engine processes were ended.[/]")
-    os._exit(code)
-
-
 def internal_error(e: Exception) -> int:
     """An unexpected failure (a bug): what failed, the run directory, how to report it; exit 1."""
     from selfinstruct.rundir import TAKEN
@@ -352,9 +309,9 @@ def internal_error(e: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        return args.func(args)
+        with handled():
+            return args.func(args)
     except UserError as e:
         console.print(f"[bold red]error:[/] {escape(redact(str(e)))}", highlight=False, soft_wrap=True)
         return 2
@@ -368,8 +325,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the last resort: a short message, never a traceback
         return internal_error(e)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if "vllm" in sys.modules:  # end the engine's worker processes with the run, whatever ended it
             from selfinstruct.generators.vllm import shutdown_engines
 

@@ -1,11 +1,5 @@
-"""The configuration schema: dataclasses with help text (and allowed values) per field, checked on
-construction. Reading a YAML or TOML file onto it, with CLI overrides, is configfile.py's job.
-
-    cfg = Config()                              # every default
-    cfg = load_config("my.yaml", {...})         # selfinstruct.configfile
-
-Every field carries its help text in `metadata["help"]`; `configfile.config_reference()` renders them as the
-README's config table.
+"""The configuration schema: dataclasses with help text (`metadata["help"]`, the README's config table) and
+allowed values per field, checked on construction. `configfile.load_config` reads YAML/TOML and CLI flags onto it.
 """
 
 from __future__ import annotations

@@ -27,11 +27,17 @@ def save_dataset(records: list[dict[str, Any]], path: Path, test_size: float, se
     random.Random(seed).shuffle(order)
     n_test = 0 if len(rows) < 2 or test_size == 0 else max(1, round(len(rows) * test_size))
     test_idx = set(order[:n_test])
-    empty = {"id": [], "method": [], "messages": []}
     split = {
         "train": [rows[i] for i in range(len(rows)) if i not in test_idx],
         "test": [rows[i] for i in range(len(rows)) if i in test_idx],
     }
+    write_splits(split, path)
+    return {k: len(v) for k, v in split.items()}
+
+
+def write_splits(split: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Rows of {"id", "method", "messages"} per split, saved as a DatasetDict at `path` (replaced atomically)."""
+    empty = {"id": [], "method": [], "messages": []}
     dd = datasets.DatasetDict({
         k: datasets.Dataset.from_list(v) if v else datasets.Dataset.from_dict(empty) for k, v in split.items()})
     datasets.disable_progress_bars()
@@ -40,6 +46,17 @@ def save_dataset(records: list[dict[str, Any]], path: Path, test_size: float, se
     dd.save_to_disk(str(tmp))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def union_of_splits(runs: list[Path], path: Path) -> dict[str, int]:
+    """The train splits of several generate runs' datasets as one train split, their test splits as one test
+    split (so a record keeps its side), saved at `path`. Returns the split sizes."""
+    split: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
+    for run in runs:
+        dd = datasets.load_from_disk(str(run / "dataset"))
+        for name in split:
+            split[name] += [dict(r) for r in dd[name]]
+    write_splits(split, path)
     return {k: len(v) for k, v in split.items()}
 
 

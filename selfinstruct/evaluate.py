@@ -139,8 +139,8 @@ def heldout_loss(cfg: Config, adapter: str | Path | None, items: list[dict[str, 
     import torch
     from transformers import AutoTokenizer
 
+    from selfinstruct.masking import IGNORE, prepare_tokenizer, tokenize_conversation
     from selfinstruct.modeling import load_model_and_tokenizer
-    from selfinstruct.train import IGNORE, prepare_tokenizer, tokenize_conversation
 
     model, tok = load_model_and_tokenizer(cfg.train.student, "auto", "auto", cfg.teacher.trust_remote_code, "student")
     if adapter:

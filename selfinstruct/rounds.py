@@ -4,10 +4,11 @@
 
     <run>/config.yaml                  the resolved config
     <run>/round-K/generate/            a generate run (generated.jsonl, rejected.jsonl, stats.json, dataset/)
-    <run>/round-K/train/               the adapter and metrics (train-data.jsonl: what it trained on)
+    <run>/round-K/train/               the adapter and metrics
+    <run>/round-K/train-data/dataset/  train_from base: rounds 1..K's train and test splits
     <run>/round-K/eval/                responses.jsonl, judgements.jsonl, eval.json
     <run>/base/                        the base student's responses and held-out loss
-    <run>/report.json, <run>/plots/    per-round numbers and their plots
+    <run>/report.json, <run>/plots/    per-round numbers and their plots (report.py)
     each stage directory: manifest.json, written (atomically) when the stage is complete
 
 A stage with a manifest is skipped on a re-run; a stage without one is resumed: generation from its
@@ -21,14 +22,12 @@ import copy
 import dataclasses
 import json
 import time
-from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from selfinstruct.config import Config
 from selfinstruct.configfile import dump_yaml
@@ -37,7 +36,8 @@ from selfinstruct.errors import RunError, UserError
 from selfinstruct.manifest import write_manifest
 from selfinstruct.modeling import check_model
 from selfinstruct.prompts import Prompts
-from selfinstruct.records import json_line, read_jsonl, write_atomic, write_json
+from selfinstruct.records import read_jsonl, write_atomic, write_json
+from selfinstruct.report import report_table, write_report
 from selfinstruct.rundir import Ownership, check, kind_of, locked
 
 console = Console(stderr=True)
@@ -86,7 +86,7 @@ def round_config(cfg: Config, run_dir: Path, k: int) -> Config:
         c.eval.judge = cfg.eval.judge or cfg.teacher.model  # the teacher still judges the records
     c.train.out, c.train.resume = str(rd / "train"), True
     if trains_on_all_rounds(cfg, k):
-        c.train.data = str(rd / "train-data.jsonl")
+        c.train.data = str(rd / "train-data")
     else:
         c.train.data = str(rd / "generate")
         c.train.init_adapter = str(run_dir / f"round-{k - 1}" / "train" / "adapter")
@@ -173,15 +173,20 @@ def prepare_run(cfg: Config, owner: Ownership) -> tuple[Config, Path]:
 
 
 def train_data(run_dir: Path, k: int) -> Path:
-    """Round k's train-data.jsonl: every record rounds 1..k accepted (trains_on_all_rounds)."""
-    rows = [r for j in range(1, k + 1) for r in read_jsonl(run_dir / f"round-{j}" / "generate" / "generated.jsonl")]
-    if not rows:
-        gen = run_dir / f"round-{k}" / "generate"
+    """Round k's training data, `round-k/train-data/dataset`: the train splits of rounds 1..k's datasets as its
+    train split and their test splits as its test split (trains_on_all_rounds), so `run` trains and evaluates
+    on the same split as `selfinstruct train --data <generate run>` would."""
+    from selfinstruct.dataset import union_of_splits
+
+    gens = [run_dir / f"round-{j}" / "generate" for j in range(1, k + 1)]
+    if not any(read_jsonl(g / "generated.jsonl") for g in gens):
+        gen = gens[-1]
         raise RunError(f"round {k}: the generator accepted no record, so there is nothing to train on "
                        f"(why: {gen / 'stats.json'}, {gen / 'rejected.jsonl'}). Try a stronger "
                        "teacher, longer max_tokens, or more instructions.")
-    path = run_dir / f"round-{k}" / "train-data.jsonl"
-    write_atomic(path, "".join(json_line(r) for r in rows))
+    path = run_dir / f"round-{k}" / "train-data"
+    path.mkdir(exist_ok=True)
+    union_of_splits(gens, path / "dataset")
     return path
 
 
@@ -261,120 +266,3 @@ def evaluate_run(cfg: Config, run_dir: Path) -> dict[str, Any]:
     report = write_report(run_dir)
     Console().print(report_table(report))
     return report
-
-
-# ---------------------------------------------------------------- the report
-
-
-def write_report(run_dir: Path) -> dict[str, Any]:
-    """report.json and plots/ from what the stages wrote (so a resumed run reports the same)."""
-    rounds = []
-    k = 1
-    while (run_dir / f"round-{k}").exists():
-        rd = run_dir / f"round-{k}"
-        row: dict[str, Any] = {"round": k}
-        if (rd / "generate" / "stats.json").exists():
-            s = json.loads((rd / "generate" / "stats.json").read_text())
-            row.update(generator=s["teacher"], accepted_instructions=s["accepted_instructions"],
-                       accepted_records=s["accepted_records"], rejected=s["rejected"])
-        if (rd / "train" / "manifest.json").exists():
-            m = json.loads((rd / "train" / "metrics.json").read_text())
-            row.update(train_examples=m["train_examples"], train_loss=m["train_loss"])
-        if (rd / "eval" / "manifest.json").exists():
-            e = json.loads((rd / "eval" / "eval.json").read_text())
-            row.update(vs_base=e["vs_base"], vs_previous=e["vs_previous"], heldout_loss=e["heldout_loss"])
-        rounds.append(row)
-        k += 1
-    base = run_dir / "base" / "eval.json"
-    report = {"base_heldout_loss": json.loads(base.read_text())["heldout_loss"] if base.exists() else None,
-              "rounds": rounds}
-    write_json(run_dir / "report.json", report)
-    plot_report(report, run_dir / "plots")
-    return report
-
-
-def report_table(report: dict[str, Any]) -> Table:
-    t = Table(title="rounds")
-    for col in ("round", "generator", "accepted", "rejected", "trained on", "win vs base [95% CI]",
-                "win vs previous", "held-out loss"):
-        t.add_column(col, justify="left" if col == "generator" else "right", overflow="fold")
-    t.add_row("base", "", "", "", "", "", "", _num(report["base_heldout_loss"]))
-    for r in report["rounds"]:
-        gen = str(r.get("generator", ""))
-        gen = f"student {gen.split('+', 1)[1]}" if "+" in gen else Path(gen).name
-        t.add_row(str(r["round"]), gen, str(r.get("accepted_records", "")),
-                  str(sum(r.get("rejected", {}).values())), str(r.get("train_examples", "")),
-                  _rate(r.get("vs_base")), _rate(r.get("vs_previous")), _num(r.get("heldout_loss")))
-    return t
-
-
-def _rate(w: dict[str, Any] | None) -> str:
-    if not w or w["win_rate"] is None:
-        return "-"
-    lo, hi = w["ci95"]
-    return f"{w['win_rate']:.2f} [{lo:.2f},{hi:.2f}]"
-
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
-
-
-def plot_report(report: dict[str, Any], out: Path) -> None:
-    """win_rate.png, heldout_loss.png, accepted.png, rejections.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from selfinstruct.stats import _save
-
-    out.mkdir(parents=True, exist_ok=True)
-    rounds = report["rounds"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, colour in (("vs_base", "#4C72B0"), ("vs_previous", "#DD8452")):
-        pts = [(r["round"], r[key]) for r in rounds if r.get(key) and r[key]["win_rate"] is not None]
-        if pts:
-            xs, ws = [p[0] for p in pts], [p[1] for p in pts]
-            ys = [w["win_rate"] for w in ws]
-            err = [[y - w["ci95"][0] for y, w in zip(ys, ws, strict=True)],
-                   [w["ci95"][1] - y for y, w in zip(ys, ws, strict=True)]]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, color=colour, label=key.replace("_", " "))
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("round")
-    ax.set_ylabel("win rate (95% CI)")
-    ax.legend()
-    ax.set_title("Held-out win rate by round")
-    _save(fig, out / "win_rate.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    pts = [(0, report["base_heldout_loss"])] + [(r["round"], r.get("heldout_loss")) for r in rounds]
-    pts = [p for p in pts if p[1] is not None]
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color="#55A868")
-    ax.set_xlabel("round (0 = base)")
-    ax.set_ylabel("loss per reference token")
-    ax.set_title("Held-out loss by round")
-    _save(fig, out / "heldout_loss.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar([r["round"] for r in rounds], [r.get("accepted_records", 0) for r in rounds], color="#4C72B0")
-    ax.set_xlabel("round")
-    ax.set_ylabel("accepted records")
-    ax.set_title("Accepted records by round")
-    _save(fig, out / "accepted.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    totals = Counter()
-    for r in rounds:
-        totals.update(r.get("rejected", {}))
-    bottom = [0] * len(rounds)
-    for reason, _ in totals.most_common(8):
-        vals = [r.get("rejected", {}).get(reason, 0) for r in rounds]
-        ax.bar([r["round"] for r in rounds], vals, bottom=bottom, label=reason)
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax.set_xlabel("round")
-    ax.set_ylabel("rejected candidates")
-    ax.set_title("Rejections by reason and round (top 8 reasons)")
-    if totals:
-        ax.legend(fontsize=7)
-    _save(fig, out / "rejections.png")

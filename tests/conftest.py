@@ -44,6 +44,18 @@ train:
 """
 
 
+# A test that uses one of these trains, loads or serves a model: it is `slow` whatever its own marks say, so
+# `pytest -m "not slow"` (the daily lane) is fast by construction, not by memory.
+MODEL_FIXTURES = {"teacher_dir", "alpaca_teacher_dir", "evol_teacher_dir", "judge_dir", "random_model_dir",
+                  "smollm2_dir", "smollm2_adapter", "smollm2_gguf_file"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
     """Every test gets an empty response cache (the default one lives under $XDG_CACHE_HOME)."""

@@ -203,13 +203,13 @@ def test_dedup_against_earlier_runs(teacher_dir, fast_config, tmp_path):
 
 SWALLOWER = """
 import multiprocessing, signal, sys, time
-from selfinstruct import cli
-cli.GRACE_S = 1.0
+from selfinstruct import signals
+signals.GRACE_S = 1.0
 if __name__ == "__main__":
     child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(600,))
     child.start()
     print(child.pid, flush=True)
-    signal.signal(signal.SIGTERM, cli._on_signal)
+    signal.signal(signal.SIGTERM, signals.on_signal)
     while True:  # like a native call that swallows the interrupt (vLLM's start-up handshake does)
         try:
             time.sleep(600)
@@ -250,3 +250,13 @@ def test_a_stage_that_fails_the_same_way_every_time_is_reported(teacher_dir, tmp
     assert [(a["stage"], a["reason"], a["steps"], a["candidates"]) for a in alerts] == [("instructions", "truncated",
                                                                                          2, 8)]
     assert alerts[0]["sample"].startswith("9.")  # the prefilled item number and the one token after it
+
+
+def test_every_subcommand_help_ends_with_an_example():
+    from selfinstruct.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        last = p.format_help().rstrip().rsplit("\n\n", 1)[-1]  # the help's last paragraph
+        assert " ".join(last.split()) == p.epilog and p.epilog.startswith(f"example: selfinstruct {name} "), name

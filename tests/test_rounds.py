@@ -169,7 +169,7 @@ def test_round_config_maps_generator_training_and_dedup(tmp_path):
     cfg.rounds.generator, cfg.rounds.train_from = "student", "previous"
     one, two = round_config(cfg, tmp_path, 1), round_config(cfg, tmp_path, 2)
     assert one.teacher == cfg.teacher and one.train.init_adapter is None  # round 1: the teacher, a fresh adapter
-    assert one.train.data == str(tmp_path / "round-1" / "train-data.jsonl")
+    assert one.train.data == str(tmp_path / "round-1" / "train-data")
     assert two.teacher.model == "student-model" and two.teacher.lora_path == str(tmp_path / "round-1/train/adapter")
     assert two.train.data == str(tmp_path / "round-2" / "generate")
     assert two.train.init_adapter == str(tmp_path / "round-1" / "train" / "adapter")
@@ -177,8 +177,30 @@ def test_round_config_maps_generator_training_and_dedup(tmp_path):
     assert two.generate.seed != one.generate.seed and two.train.out == str(tmp_path / "round-2" / "train")
     cfg.rounds.generator, cfg.rounds.train_from = "teacher", "base"
     two = round_config(cfg, tmp_path, 2)
-    assert two.teacher == cfg.teacher and two.train.data == str(tmp_path / "round-2" / "train-data.jsonl")
+    assert two.teacher == cfg.teacher and two.train.data == str(tmp_path / "round-2" / "train-data")
     assert cfg.generate.dedup_against == ["old.jsonl"]  # the run's own config is left alone
+
+
+def test_rounds_train_on_the_union_of_each_rounds_split(tmp_path):
+    """train_from base: round 2 trains on rounds 1 and 2's train splits and evaluates on their test splits, the
+    split `selfinstruct train --data <generate run>` uses; a record keeps its side."""
+    from selfinstruct.dataset import load_training_data, save_dataset
+    from selfinstruct.records import json_line
+    from selfinstruct.rounds import train_data
+
+    sides = {}
+    for k in (1, 2):
+        gen = tmp_path / f"round-{k}" / "generate"
+        gen.mkdir(parents=True)
+        recs = [{"id": f"r{k}-{i}", "method": "alpaca", "instruction": f"Task {k} {i}.", "input": "",
+                 "output": f"Answer {k} {i}."} for i in range(10)]
+        (gen / "generated.jsonl").write_text("".join(json_line(r) for r in recs))
+        save_dataset(recs, gen / "dataset", 0.2, seed=42)
+        own_train, own_test = load_training_data(gen)
+        sides[k] = (own_train, own_test)
+    train, test = load_training_data(train_data(tmp_path, 2))
+    assert train == sides[1][0] + sides[2][0] and test == sides[1][1] + sides[2][1]
+    assert len(test) == 4 and not {str(c) for c in train} & {str(c) for c in test}
 
 
 def test_adapters_vllm_cannot_serve_are_refused_up_front(tmp_path):

@@ -28,19 +28,15 @@ from selfinstruct.config import Config
 from selfinstruct.configfile import dump_yaml
 from selfinstruct.errors import StalledError, StorageError
 from selfinstruct.generate import alpaca, evol, self_instruct
+from selfinstruct.generate.checkpoint import check_run_dir, default_run_dir, pool_tasks, pool_texts, verify_checkpoint
 from selfinstruct.generate.run import (
     NEVER,
     Cancelled,
     InFlight,
     Run,
     Step,
-    check_run_dir,
-    default_run_dir,
-    pool_tasks,
-    pool_texts,
     records_of_run,
     restore,
-    verify_checkpoint,
 )
 from selfinstruct.generate.vetting import make_gate, select_top
 from selfinstruct.generators import make_generator

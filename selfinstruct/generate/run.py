@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import random
 import threading
@@ -33,33 +32,26 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from selfinstruct.config import Config, Sampling
 from selfinstruct.copies import InstanceIndex
 from selfinstruct.dedup import RougePool
-from selfinstruct.errors import UserError
 from selfinstruct.filters import check_evolved_instruction, check_instruction, is_rouge_similar
 from selfinstruct.generate.alerts import raise_alert, uniform_failure
+from selfinstruct.generate.checkpoint import OUTPUT_FILES, verify_checkpoint
 from selfinstruct.generate.vetting import Candidate, Gate, apply_journal
 from selfinstruct.generators import Completion, Generator, Request
 from selfinstruct.prompts import OURS, Prompts
 from selfinstruct.records import (
     JsonlAppender,
     Record,
-    prefix_facts,
     read_jsonl,
-    read_rows,
-    records_source,
     write_json,
 )
-from selfinstruct.rundir import check
 from selfinstruct.scoring import QUESTIONS
-from selfinstruct.seeds import SeedTask, load_tasks, record_text
-
-OUTPUT_FILES = ("generated.jsonl", "rejected.jsonl")
+from selfinstruct.seeds import SeedTask
 
 
 class RecipeState(Protocol):
@@ -365,61 +357,10 @@ def restore(run: Run) -> None:
             run.pool.add(rej["instruction"])
 
 
-def verify_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """state.json, once the files are shown to be what it checkpointed: each file at least as long as then, and
-    its checkpointed prefix the same bytes (SHA-256), lines and last id. A mismatch (a file replaced, edited or
-    cut by something else) refuses the resume and touches nothing; so do output files without a state.json."""
-    path = run_dir / "state.json"
-    if not path.exists():
-        present = [n for n in OUTPUT_FILES if (run_dir / n).exists() and (run_dir / n).stat().st_size]
-        if present:
-            raise UserError(f"{present[0]} is here but state.json is not: not a run this tool can resume; nothing "
-                            "was touched", run_dir)
-        return None
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        files = state["files"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError("state.json is unreadable, or from an earlier version of selfinstruct: this run cannot be "
-                        "resumed; nothing was touched", path) from None
-    for name in OUTPUT_FILES:
-        want, f = files[name], run_dir / name
-        have = prefix_facts(f, want["size"]) if f.exists() else None
-        if have != want:
-            what = "is missing" if have is None else ("is shorter than" if have["size"] < want["size"] else
-                                                       "differs from what was written before")
-            raise UserError(f"{name} {what} at the last checkpoint (state.json: {want['lines']} rows, last id "
-                            f"{want['last_id']}): it was changed by something else, so the run cannot be resumed "
-                            "safely; nothing was touched", f)
-    return state
-
-
 def records_of_run(run: Run) -> list[dict[str, Any]]:
     """The run's accepted records so far (generated.jsonl; none yet on a fresh run)."""
     path = run.dir / "generated.jsonl"
     return read_jsonl(path) if path.exists() else []
-
-
-def pool_texts(paths: list[str]) -> list[str]:
-    """Instructions of other data (files, or run directories' generated.jsonl) for the ROUGE-L pool."""
-    return [record_text(row, f, line) for p in paths for f, line, row in read_rows(records_source(p))]
-
-
-def pool_tasks(paths: list[str]) -> list[SeedTask]:
-    """The same data's tasks with their instances (for shared_instance across rounds)."""
-    return [t for p in paths for t in load_tasks(records_source(p))]
-
-
-def default_run_dir(method: str) -> Path:
-    return Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-{method}"
-
-
-def check_run_dir(out: Path, resume: bool) -> None:
-    """Refuse, writing nothing: a directory that is not ours (rundir.py), another kind of run, or a run that is
-    there already unless asked to resume it."""
-    check(out, "generate")
-    if not resume and out.is_dir() and any((out / f).exists() for f in ("generated.jsonl", "state.json")):
-        raise UserError("this directory already holds a run: pass --resume to continue it, or another --out", out)
 
 
 # ---------------------------------------------------------------- helpers every recipe's requests use
