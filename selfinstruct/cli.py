@@ -47,6 +47,7 @@ EXAMPLES = {
     "export": "selfinstruct export outputs/20260101-120000-self-instruct --format sharegpt",
     "score": "selfinstruct score alpaca_data.json --scorers ifd --model Qwen/Qwen2.5-0.5B --sample 200",
     "stats": "selfinstruct stats outputs/20260101-120000-self-instruct",
+    "report": "selfinstruct report outputs/20260101-120000-rounds",
 }
 
 
@@ -163,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-cache", dest="no_cache", action="store_true",
                     help="Neither read nor write the response cache (teacher.cache).")
     sc.set_defaults(func=cmd_score)
+
+    rp = sub.add_parser("report", help="Write RUN/report.html: one self-contained page to browse a generate run or "
+                        "a `selfinstruct run` (counts, rejections with examples, records, scores, plots).")
+    rp.add_argument("run", metavar="RUN_DIR")
+    rp.set_defaults(func=cmd_report)
 
     st = sub.add_parser("stats", help="Print a generate run's counts and diversity statistics.")
     st.add_argument("run", metavar="RUN_DIR")
@@ -281,6 +287,16 @@ def cmd_score(args: argparse.Namespace) -> int:
     scorers = getattr(args, "quality.scorers")
     out = score_data(cfg, args.data, scorers if scorers is not None else ["ifd"], args.out, args.sample)
     console.print(f"[green]wrote[/] {out / 'scored.jsonl'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from selfinstruct.htmlreport import write_html_report
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise UserError("no such run directory", run)
+    print(write_html_report(run))
     return 0
 
 

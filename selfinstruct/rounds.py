@@ -33,6 +33,7 @@ from selfinstruct.config import Config
 from selfinstruct.configfile import dump_yaml
 from selfinstruct.decontam import NgramIndex
 from selfinstruct.errors import RunError, UserError
+from selfinstruct.htmlreport import write_html_report
 from selfinstruct.manifest import write_manifest
 from selfinstruct.modeling import check_model
 from selfinstruct.prompts import Prompts
@@ -243,6 +244,7 @@ def run_rounds(cfg: Config) -> Path:
             run_round(cfg, run_dir, k)
             console.print(report_table(write_report(run_dir)))
         write_run_manifest(cfg, run_dir)
+        console.print(f"report: {write_html_report(run_dir)}", highlight=False, markup=False)
     finally:
         owner.release()
     return run_dir

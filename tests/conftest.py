@@ -258,3 +258,38 @@ def assert_no_copied_instances(records: list[dict], method: str) -> None:
         for field in ("input", "output"):
             text = normalise(r[field])
             assert len(text.split()) < 3 or text not in normalise(shown), f"{field} copied from the prompt: {r}"
+
+
+def assert_html_report(path: Path, headings: list[str]) -> str:
+    """report.html is one well-formed, self-contained page: the given section headings, images inline only,
+    no script and no reference outside the file. Returns its text."""
+    from html.parser import HTMLParser
+
+    class Page(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.open, self.headings, self.refs, self.tags, self._h = [], [], [], set(), None
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.add(tag)
+            self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+            if tag in ("h1", "h2"):
+                self._h = ""
+
+        def handle_data(self, data):
+            if self._h is not None:
+                self._h += data
+
+        def handle_endtag(self, tag):
+            if tag in ("h1", "h2") and self._h is not None:
+                self.headings.append(self._h)
+                self._h = None
+
+    text = path.read_text(encoding="utf-8")
+    page = Page()
+    page.feed(text)
+    assert text.startswith("<!doctype html>") and text.rstrip().endswith("</html>")
+    assert "script" not in page.tags and all(r.startswith("data:image/png;base64,") for r in page.refs), page.refs
+    for h in headings:
+        assert any(x.startswith(h) for x in page.headings), (h, page.headings)
+    return text

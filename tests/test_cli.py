@@ -1,10 +1,11 @@
 """End-to-end: the console script as a user runs it, on tiny models, CPU only."""
 
+import html
 import json
 
 import pytest
 import torch
-from conftest import ROOT, cli
+from conftest import ROOT, assert_html_report, cli
 from safetensors.torch import load_file
 from serve import transformers_serve
 
@@ -51,6 +52,15 @@ def test_generate_then_train(teacher_dir, random_model_dir, fast_config, tmp_pat
     assert r.returncode == 0, r.stderr
     assert "accepted instructions" in r.stderr  # the summary table
     check_run(run, 4, teacher_dir)
+    assert f"report: {run / 'report.html'}" in r.stderr
+    page = assert_html_report(run / "report.html", ["selfinstruct generate", "Counts", "Accepted records",
+                                                    "Rejections by reason", "Diversity"])
+    assert all(html.escape(r["instruction"][:40]) in page for r in read_jsonl(run / "generated.jsonl"))  # < 12
+    assert page.count("data:image/png;base64,") == 3  # the diversity plots
+    (run / "report.html").unlink()
+    r = cli("report", run)
+    assert r.returncode == 0 and r.stdout.strip() == str(run / "report.html")
+    assert_html_report(run / "report.html", ["Counts"])
 
     r = cli("train", "--data", run, "--student", random_model_dir, "--config", fast_config)
     assert r.returncode == 0, r.stderr

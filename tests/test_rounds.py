@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import ROOT, cli
+from conftest import ROOT, assert_html_report, cli
 
 from selfinstruct.dedup import rouge_l
 from selfinstruct.records import read_jsonl
@@ -88,7 +88,11 @@ def test_two_rounds_student_generates_round_two(finished_run, teacher_dir):
     # train_from base: round 2 trained a fresh adapter on both rounds' records
     m1 = json.loads((run / "round-1" / "train" / "metrics.json").read_text())
     m2 = json.loads((run / "round-2" / "train" / "metrics.json").read_text())
-    assert m1["train_examples"] == len(r1) and m2["train_examples"] == len(r1) + len(r2)
+    assert m1["train_examples"] + m1["eval_examples"] == len(r1)
+    assert m2["train_examples"] + m2["eval_examples"] == len(r1) + len(r2)  # both rounds' splits, as train does
+    page = assert_html_report(run / "report.html", ["selfinstruct run", "Rounds", "Round 1: generated data",
+                                                    "Round 2: generated data", "Rejections by reason"])
+    assert page.count("data:image/png;base64,") == 4 + 2 * 3  # the run's plots, each round's diversity plots
 
     report = json.loads((run / "report.json").read_text())
     assert report["base_heldout_loss"] > 0

@@ -42,6 +42,7 @@ from selfinstruct.generate.vetting import make_gate, select_top
 from selfinstruct.generators import make_generator
 from selfinstruct.generators.base import choice_mode
 from selfinstruct.generators.launch import launched_server
+from selfinstruct.htmlreport import write_html_report
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import read_jsonl, write_atomic, write_json
 from selfinstruct.rundir import Ownership, kind_of
@@ -170,6 +171,7 @@ def generate(run: Run) -> Path:
         raise StorageError(f"cannot write {e.filename or run.dir}: {e.strerror or e}. The records are complete; "
                            "free space and run the same command with --resume to write stats and dataset.") from None
     print_summary(stats)
+    console.print(f"report: {write_html_report(run.dir)}", highlight=False, markup=False)
     if stopped == "stalled":
         raise stalled(run, stats)
     return run.dir
