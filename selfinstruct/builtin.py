@@ -34,6 +34,21 @@ ADVICE = ("--teacher smollm2 (a built-in 135M model fetched from the package ind
           "for real data)")
 
 
+# CPU-sized settings for the built-in teacher, applied only where the config still has the default (a value
+# the user set, in a file or a flag, is kept): shorter replies (a 135M model rambles past the point where its
+# text is any use), smaller steps, a context that fits a laptop. Sampling temperatures and stops stay the
+# papers'.
+SMALL_TEACHER = {
+    "generate.request_batch_size": 4,
+    "generate.instruction_sampling.max_tokens": 192,
+    "generate.instance_sampling.max_tokens": 160,
+    "generate.alpaca.sampling.max_tokens": 512,
+    "generate.evol.evolve_sampling.max_tokens": 128,
+    "generate.evol.response_sampling.max_tokens": 192,
+    "teacher.max_model_len": 2048,
+}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfinstruct"
 

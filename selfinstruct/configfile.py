@@ -42,9 +42,33 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         node[last] = value
         lines.pop(dotted, None)  # a flag, not the file, is now responsible for this value
     try:
-        return _build(Config, data, "", lines, path)
+        return small_teacher(_build(Config, data, "", lines, path))
     except ConfigValueError as e:  # raised by __post_init__ of a section we could not name more precisely
         raise UserError(str(e), path) from None
+
+
+def small_teacher(cfg: Config) -> Config:
+    """With the built-in teacher (`--teacher smollm2`), builtin.SMALL_TEACHER's CPU-sized settings wherever the
+    config still holds the default value."""
+    from selfinstruct.builtin import SMALL_TEACHER, is_builtin
+
+    if not is_builtin(cfg.teacher.model):
+        return cfg
+    default = Config()
+    for dotted, value in SMALL_TEACHER.items():
+        *parents, last = dotted.split(".")
+        node, base = cfg, default
+        chain = []
+        for p in parents:
+            chain.append((node, p))
+            node, base = getattr(node, p), getattr(base, p)
+        if getattr(node, last) != getattr(base, last):
+            continue  # the user chose this one
+        new = dataclasses.replace(node, **{last: value})
+        for holder, name in reversed(chain):  # rebuild the frozen path upwards
+            new = dataclasses.replace(holder, **{name: new})
+        cfg = new
+    return cfg
 
 
 def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:

@@ -86,3 +86,19 @@ def test_resolved_config_round_trips(tmp_path):
 def test_readme_config_reference_is_current():
     readme = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
     assert config_reference() in readme, "regenerate the table in docs/configuration.md from config_reference()"
+
+
+def test_the_builtin_teacher_gets_cpu_sized_settings_the_user_did_not_choose(tmp_path):
+    from selfinstruct.builtin import SMALL_TEACHER
+    from selfinstruct.configfile import load_config
+
+    plain = load_config(None, {"teacher.model": "Qwen/Qwen2.5-1.5B-Instruct"})
+    small = load_config(None, {"teacher.model": "smollm2"})
+    assert plain.generate.instruction_sampling.max_tokens == 1024 and plain.teacher.max_model_len is None
+    assert small.generate.instruction_sampling.max_tokens == SMALL_TEACHER["generate.instruction_sampling.max_tokens"]
+    assert small.generate.instruction_sampling.stop == plain.generate.instruction_sampling.stop  # the rest stays
+    assert small.generate.request_batch_size == 4 and small.teacher.max_model_len == 2048
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("generate:\n  instance_sampling: {temperature: 0.0, max_tokens: 300}\n")
+    mine = load_config(cfg, {"teacher.model": "smollm2", "generate.request_batch_size": 2})
+    assert mine.generate.instance_sampling.max_tokens == 300 and mine.generate.request_batch_size == 2

@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import pytest
+import tiny
 from conftest import ROOT, assert_html_report, cli
 
 from selfinstruct.dedup import rouge_l
@@ -16,15 +17,16 @@ from selfinstruct.records import read_jsonl
 # The student is the tiny Self-Instruct teacher itself plus a LoRA adapter, so as a generator in
 # round 2 it still speaks the Self-Instruct format: true self-instruct. Training runs long enough
 # (many small steps, frequent checkpoints) for a kill to land in the middle of it.
-LOOP_CONFIG = """\
+LOOP_CONFIG = f"""\
 teacher:
   backend: transformers
 generate:
+  prompts_dir: {tiny.TEST_PROMPTS}
   request_batch_size: 4
   max_stalled_requests: 200
   num_instructions: 3
-  instruction_sampling: {temperature: 1.0, top_p: 1.0, max_tokens: 96, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}
-  instance_sampling: {temperature: 0.0, max_tokens: 96, stop: ["Task:"]}
+  instruction_sampling: {{temperature: 1.0, top_p: 1.0, max_tokens: 96, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}}
+  instance_sampling: {{temperature: 0.0, max_tokens: 96, stop: ["Task:"]}}
 train:
   epochs: 25
   batch_size: 1
@@ -35,8 +37,8 @@ train:
 eval:
   backend: transformers
   max_items: 4
-  response_sampling: {temperature: 0.0, max_tokens: 32}
-  judge_sampling: {temperature: 0.0, max_tokens: 8}
+  response_sampling: {{temperature: 0.0, max_tokens: 32}}
+  judge_sampling: {{temperature: 0.0, max_tokens: 8}}
 rounds:
   rounds: 2
   generator: student
