@@ -116,7 +116,11 @@ def read_rows(path: str | Path) -> Iterator[tuple[Path, int, dict[str, Any]]]:
         for line, obj in rows:
             if not isinstance(obj, dict):
                 raise UserError(f"expected a JSON object, got {type(obj).__name__}", f, line)
-            yield f, line, _cleaned(obj)  # a lone surrogate or a control character in a file is cleaned as a reply
+            try:
+                cleaned = _cleaned(obj)  # a lone surrogate or a control character in a file is cleaned as a reply
+            except RecursionError:
+                raise UserError("a record nested too deeply to read", f, line) from None
+            yield f, line, cleaned
 
 
 def _jsonl(text: str, f: Path) -> Iterator[tuple[int, Any]]:

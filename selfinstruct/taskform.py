@@ -24,7 +24,7 @@ def _words(text: str) -> list[str]:
 
 
 TASK_VERBS = frozenset(_words("""
-access adapt add address adjust adopt advance aggregate agree align alphabetize alter analyse analyze annotate
+access act adapt add address adjust adopt advance aggregate agree align alphabetize alter analyse analyze annotate
 answer append apply appraise approximate argue arrange articulate ask assemble assess assign assist assume
 automate back bake balance begin believe book brainstorm break bring build buy calculate capitalise capitalize
 categorise categorize change characterize check choose circle cite clarify classify clean click coach code
@@ -73,7 +73,7 @@ please now then and also first next finally just kindly you can could would will
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 _CLAUSE = re.compile(r"[,;:.!\n()]|\bthen\b")
 # "you need to write", "I want you to list": a request put as a sentence ("The aim is to compare" is not one).
-_ASKED = re.compile(r"\b(?:you|i|we)\b[^.,;:!?]{0,40}?\bto\s+([a-z]+)")
+_ASKED = re.compile(r"\b(?:you|your (?:task|job|goal)|i|we)\b[^.,;:!?]{0,40}?\bto\s+([a-z]+)")
 _PREFIXED = re.compile(r"\b(re|de|co|pre)-(?=[a-z])")  # re-write -> rewrite
 
 

@@ -159,7 +159,8 @@ def check_train(cfg: Config) -> TrainJob:
     train_convs, eval_convs = load_training_data(tcfg.data)
     train_convs, mix = mix_in(train_convs, tcfg)
     out = Path(tcfg.out) if tcfg.out else default_out(tcfg.data)
-    check(out, "train")  # a user's own directory is never written into
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 owns the directory; the others would race its claim
+        check(out, "train")  # a user's own directory is never written into
     if (out / "adapter").exists() and not tcfg.resume:
         raise UserError("an adapter is already there: pass --resume or another --out", out)
     return TrainJob(cfg=cfg, out=out, train_convs=train_convs, eval_convs=eval_convs, mix=mix,

@@ -75,7 +75,9 @@ JUNK = ["John Smith, CEO of XYZ Corporation", "Elon Musk, CEO of Tesla Motors In
 TASKS = ["Given a list of numbers, find the largest.", "What is the capital of France", "Is this sentence correct",
          "You need to write a creative opening scene for a horror movie.", "Briefly explain photosynthesis.",
          "Read the paragraph and then summarize it.", "Re-write the sentence in the passive voice.",
-         "I want you to list three fruits.", "How many legs does a spider have?", "Multiply 4 and 7."]
+         "I want you to list three fruits.", "How many legs does a spider have?", "Multiply 4 and 7.",
+         "Your task is to summarize the article in three sentences.", "I want you to act as a travel guide.",
+         "Act as a tour guide and suggest three places to visit in Paris."]
 
 
 @pytest.mark.parametrize("text", JUNK)

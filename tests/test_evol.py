@@ -172,7 +172,8 @@ class ScriptedTeacher(Blocking):
             return "Sorry, I can't do that."
         if "emptyreply" in prompt:
             return "The, and of the."
-        return f"A full answer: {prompt[:40]}"
+        # one answer per prompt: two evolutions never share a response (that would be a shared_instance)
+        return f"A full answer of {len(prompt)} words' worth about {prompt.split()[0].lower()} things."
 
     def close(self):
         pass
@@ -292,8 +293,10 @@ def test_evol_cli_two_rounds(evol_teacher_dir, fast_config, tmp_path):
     rows = [dict(zip(("instruction", "input", "output"), tiny.synthetic_task(rng), strict=True)) for _ in range(12)]
     inputs.write_text("".join(json.dumps({**r, "input": ""}) + "\n" for r in rows))
     run = tmp_path / "run"
+    # --seed 3: a seed where the tiny teacher's rewrites survive both rounds in some slot (with others, the
+    # copy checks reject enough of its leaked "Input:" lines that no lineage reaches depth 2)
     r = cli("generate", "--method", "evol", "--seeds", inputs, "--teacher", evol_teacher_dir, "--out", run,
-            "--config", fast_config)
+            "--config", fast_config, "--seed", 3)
     assert r.returncode == 0, r.stderr
     records = read_jsonl(run / "generated.jsonl")
     rejected = [x for x in read_jsonl(run / "rejected.jsonl") if x["stage"] == "evol"]

@@ -90,7 +90,7 @@ def test_keep_top_selects_the_best_and_survives_a_crash(teacher_dir, fast_config
     monkeypatch.undo()
     assert (run / "selection.json").exists()  # the journal is there to finish it
     cfg.write_text(cfg.read_text() + "  keep_top: 0.5\n")
-    r = cli("generate", "--out", run, "--resume", "--config", cfg)
+    r = cli("generate", "--out", run, "--resume", "--config", cfg, "--teacher", teacher_dir, "--num-instructions", 4)
     assert r.returncode == 0, r.stderr
     kept = read_jsonl(run / "generated.jsonl")
     dropped = [x for x in read_jsonl(run / "rejected.jsonl") if x.get("stage") == "selection"]

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from serve import transformers_serve
+from tiny import ROOT, render  # the prompts the tiny teacher learned
 
 from selfinstruct.config import Sampling, TeacherConfig
 from selfinstruct.errors import TeacherError, UserError
@@ -9,9 +10,11 @@ from selfinstruct.generators.base import cut_at_stop
 from selfinstruct.generators.cache import CachedGenerator
 from selfinstruct.generators.hf import HFGenerator, _Penalties
 from selfinstruct.generators.openai import OpenAIGenerator, normalise_url
-from selfinstruct.prompts import render
+from selfinstruct.seeds import load_tasks
 
-PROMPT = render("self_instruct/instructions.jinja", instructions=["Write a haiku about tea.", "List two rivers."])
+# Eight demonstrations, as in a real step: the tiny teacher learned to continue such a list at item 9.
+PROMPT = render("self_instruct/instructions.jinja",
+                instructions=[s.instruction for s in load_tasks(ROOT / "seeds")[:8]])
 
 
 def test_cut_at_stop():

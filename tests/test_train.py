@@ -210,7 +210,8 @@ def test_resume_reaches_the_same_final_step(random_model_dir, tmp_path):
 def test_resume_takes_only_its_own_checkpoints_and_the_adapter_is_swapped_whole(random_model_dir, tmp_path,
                                                                                  monkeypatch):
     """Checkpoints of another training (other data) in the same --out are refused on --resume (exit 2, nothing
-    written); a fresh start clears them. A save that fails half-way leaves the earlier adapter whole."""
+    written); a fresh start does not replace an adapter, and clears old checkpoints. A save that fails half-way
+    leaves the earlier adapter whole."""
     from selfinstruct.errors import UserError
 
     a, b = alpaca_file(tmp_path / "a.json", 16), alpaca_file(tmp_path / "b.json", 16, prefix="Spell the number")
@@ -221,6 +222,8 @@ def test_resume_takes_only_its_own_checkpoints_and_the_adapter_is_swapped_whole(
     with pytest.raises(UserError, match="other data or settings"):
         run_train(small_cfg(b, random_model_dir, out, save_steps=2, resume=True))
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(UserError, match="an adapter is already there"):  # a fresh start never replaces one unasked
+        run_train(small_cfg(b, random_model_dir, out, save_steps=2))
     adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
 
     def broken_save(self, *a, **k):  # fault injection: the tokenizer's save fails after the weights were written
@@ -230,12 +233,19 @@ def test_resume_takes_only_its_own_checkpoints_and_the_adapter_is_swapped_whole(
 
     monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", broken_save)
     with pytest.raises(OSError):
-        run_train(small_cfg(b, random_model_dir, out, save_steps=2))  # a fresh start: b's checkpoints only
+        run_train(small_cfg(a, random_model_dir, out, save_steps=2, resume=True))  # its own checkpoints: resumed
     monkeypatch.undo()
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter  # the old adapter, whole
     assert not (out / "adapter.tmp").exists() or not (out / "adapter.tmp" / "tokenizer_config.json").exists()
-    run_train(small_cfg(b, random_model_dir, out, save_steps=2, resume=True))  # b's own checkpoints: resumed
+    run_train(small_cfg(a, random_model_dir, out, save_steps=2, resume=True))
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != adapter
+    # A training cut short before its adapter was saved: a fresh start clears the old checkpoints.
+    import shutil
+
+    shutil.rmtree(out / "adapter")
+    run_train(small_cfg(b, random_model_dir, out, save_steps=2), callbacks=[StopAt(2).callback])
+    shutil.rmtree(out / "adapter")
+    run_train(small_cfg(b, random_model_dir, out, save_steps=2, resume=True))  # b's checkpoints now: accepted
 
 
 def test_merge_gives_the_adapter_model(random_model_dir, tmp_path):
@@ -298,7 +308,7 @@ def test_torchrun_two_processes_write_one_adapter(random_model_dir, tmp_path):
     writes = [line.split(" ", 1) for line in log.read_text().splitlines()]
     assert {rank for rank, _ in writes} == {"0"}, writes  # rank 1 wrote nothing
     written = {Path(path).name for _, path in writes}
-    assert {"metrics.json", "config.yaml", "adapter"} <= written
+    assert {"metrics.json", "config.yaml", "adapter.tmp"} <= written  # the adapter is written beside, then moved
     assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").exists()
 
 

@@ -38,7 +38,7 @@ from selfinstruct.generate.run import (
     records_of_run,
     restore,
 )
-from selfinstruct.generate.vetting import make_gate, select_top
+from selfinstruct.generate.vetting import apply_journal, make_gate, select_top
 from selfinstruct.generators import make_generator
 from selfinstruct.generators.base import choice_mode
 from selfinstruct.generators.launch import launched_server
@@ -128,6 +128,7 @@ def run_generate(cfg: Config, round_no: int = 1) -> Path:
         stack.callback(teacher.close)
         gate.judge_mode = gate.judge_mode or choice_mode(teacher)  # the teacher judges unless eval.judge is another
         owner.take()
+        apply_journal(out)  # a keep_top selection cut short is finished first: its facts are the checkpoint's
         verify_checkpoint(out)  # a resumed run's files are what it wrote, before anything is rewritten
         write_atomic(out / "config.yaml", dump_yaml(cfg))
         return generate(Run(dir=out, cfg=cfg, teacher=teacher, seeds=seeds, extra_pool=extra_pool,
@@ -158,7 +159,7 @@ def generate(run: Run) -> Path:
                 bar.update(task, description=what, completed=completed, total=total,
                            info=f"{run.n_records} records · {sum(run.reasons.values())} rejected{alert}")
 
-            stopped = drive(run, how, show)
+            stopped = "done" if run.selected else drive(run, how, show)  # a selected run is finished
     except OSError as e:  # the disk, not the input: what was checkpointed is safe
         raise StorageError(f"cannot write {e.filename or run.dir}: {e.strerror or e}. Everything accepted up "
                            "to the last completed step is on disk; free space (or fix permissions) and run the "

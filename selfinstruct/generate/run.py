@@ -117,6 +117,7 @@ class Run:
     step: int = 0
     stalled_requests: int = 0
     n_records: int = 0
+    selected: bool = False  # quality.keep_top has been applied: the run is finished, nothing more is generated
     alerts: dict[str, dict[str, Any]] = field(default_factory=dict)  # stages that came to nothing (alerts.py)
     last_alert: str = ""
     states: dict[str, RecipeState] = field(default_factory=dict)  # by KEY, made on first use
@@ -167,6 +168,7 @@ class Run:
         write_json(self.dir / "state.json", {
             "step": self.step, "stalled_requests": self.stalled_requests, "n_records": self.n_records,
             "counts": dict(self.counts), "reasons": dict(self.reasons), "alerts": self.alerts, "recipes": recipes,
+            "selected": self.selected,
             "files": {f.path.name: f.facts() for f in (self._accepted, self._rejected)}})
 
     def screen(self, instruction: str, n_fresh: int | None, exclude: Collection[int] = (),
@@ -344,6 +346,7 @@ def restore(run: Run) -> None:
     run.step, run.stalled_requests = state["step"], state["stalled_requests"]
     run.counts, run.reasons = Counter(state["counts"]), Counter(state["reasons"])
     run.alerts = state.get("alerts", {})
+    run.selected = state.get("selected", False)
     run.saved = state.get("recipes", {})
     records = read_jsonl(run.dir / "generated.jsonl")
     run.n_records = state.get("n_records", len(records))  # ids go on from the last, also after a selection
