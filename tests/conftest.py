@@ -202,8 +202,8 @@ def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path,
         "teacher.max_model_len": 2048, "teacher.enable_lora": backend == "vllm",  # the module's engine has LoRA
         "generate.method": method, "generate.seed": 1, "generate.seeds": str(ROOT / "seeds"),
         "generate.out": str(out), "generate.num_instructions": RECIPE_TARGET, "generate.request_batch_size": 4,
-        "generate.evol.rounds": 1, "generate.evol.max_inputs": 2 * RECIPE_TARGET,
-        "generate.evol.batch_size": 2 * RECIPE_TARGET, "quality.scorers": ["ifd"], "quality.ifd_model": str(model_dir),
+        "generate.evol.rounds": 1, "generate.evol.max_inputs": 4 * RECIPE_TARGET,  # SmolLM2 fails most rewrites
+        "generate.evol.batch_size": 4 * RECIPE_TARGET, "quality.scorers": ["ifd"], "quality.ifd_model": str(model_dir),
         **(extra or {})})
     g = cfg.generate
     g.instruction_sampling = dataclasses.replace(g.instruction_sampling, max_tokens=160)

@@ -43,7 +43,7 @@ def wait_for(pred, proc, timeout=180) -> bool:
 def test_sigkill_at_random_moments_then_resume(teacher_dir, fast_config, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    target = 16
+    target = 8  # the tiny teacher runs out of new instructions (ROUGE-L, copies of demos) not far above 9
     rng = random.Random(1)
     with transformers_serve(teacher_dir, tmp_path / "serve.log") as url:
         args = ["generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--backend", "openai",

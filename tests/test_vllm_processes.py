@@ -123,8 +123,8 @@ generate:
   method: evol
   evol:
     rounds: 1
-    batch_size: 6
-    max_inputs: 6
+    batch_size: 12
+    max_inputs: 12   # SmolLM2 fails most rewrites (statements, not prompts): the checks reject them
     evolve_sampling: {temperature: 0.7, top_p: 0.95, max_tokens: 160}
     response_sampling: {temperature: 0.7, top_p: 0.95, max_tokens: 300}
     equality_sampling: {temperature: 0.0, max_tokens: 4}
