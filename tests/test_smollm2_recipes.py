@@ -1,5 +1,5 @@
-"""Recipes on a real chat model, SmolLM2-135M-Instruct, on the transformers backend (Alpaca and Evol-Instruct;
-the vLLM engine runs all three in tests/test_vllm.py): each reaches a small target without stalling, every record passes the
+"""Every recipe on a real chat model, SmolLM2-135M-Instruct, on the transformers backend (the vLLM engine
+runs the same in tests/test_vllm.py): each reaches a small target without stalling, every record passes the
 filters, and the chat-native stages (prefilled replies, enforced choices) are what made it work."""
 
 import pytest
@@ -8,14 +8,12 @@ from conftest import RECIPE_TARGET, run_recipe_on_smollm2
 pytestmark = pytest.mark.slow
 
 
-# Self-Instruct on SmolLM2 runs on the engine (tests/test_vllm.py); here, on transformers, the two recipes whose
-# stages differ most from it (about six minutes saved on a busy 2-core machine; the transformers backend's
-# enforced Yes/No choice is tested on the tiny teacher in tests/test_teacher.py).
-@pytest.mark.parametrize("method", ["alpaca", "evol"])
+@pytest.mark.parametrize("method", ["self-instruct", "alpaca", "evol"])
 def test_recipe_reaches_its_target_on_smollm2(smollm2_dir, tmp_path, method):
     records, stats = run_recipe_on_smollm2(smollm2_dir, method, "transformers", tmp_path / "run")
     assert stats["teacher"] == str(smollm2_dir) and not [a for a in stats["alerts"] if a["reason"] == "empty_reply"]
-    if method == "alpaca":
+    if method == "self-instruct":  # the Yes/No question was answered by the likelihood of each choice
+        assert {r["scores"]["classification_mode"] for r in records} == {"choice"}
         assert stats["accepted_instructions"] >= RECIPE_TARGET
     if method == "evol":
         assert stats["counts"].get("equality_unclear", 0) == 0  # Equal / Not Equal was a choice
