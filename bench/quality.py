@@ -91,8 +91,9 @@ def score(model: str, sets: dict[str, list], judge_n: int, backend: str) -> dict
     cfg = Config()
     cfg.quality.max_ifd = None
     ifd = IFDScorer(model, device="auto", batch_size=8)
-    judge = make_generator(TeacherConfig(model=model, backend=backend, cache=None, max_model_len=2048))
-    gate = Gate(cfg.quality, Prompts(), ifd, judge, choice_mode(judge))
+    judge = make_generator(TeacherConfig(model=model, backend=backend, cache=None, max_model_len=2048)) \
+        if judge_n else None
+    gate = Gate(cfg.quality, Prompts(), ifd, judge, choice_mode(judge) if judge else None)
     shown = demos()
     out: dict[str, dict[str, list[float]]] = {}
     for kind, items in sets.items():
@@ -100,15 +101,17 @@ def score(model: str, sets: dict[str, list], judge_n: int, backend: str) -> dict
         cands = [Candidate(*it) for it in items]
         gate.q.scorers = ["ifd"]
         gate.vet(cands, lambda r: [])
-        gate.q.scorers = ["judge"]
-        gate.vet(cands[:judge_n], lambda r: [])
+        if judge_n:
+            gate.q.scorers = ["judge"]
+            gate.vet(cands[:judge_n], lambda r: [])
         ifd_q = [ifd_part(c.scores.get("ifd")) or 0.0 for c in cands]
         judged = [judge_part(c.scores["judge"]) or 0.0 for c in cands[:judge_n]]
         out[kind] = {"checks": [checks(it, shown) for it in items], "ifd": ifd_q,
                      "ifd_raw": [-(c.scores.get("ifd") or 1.0) for c in cands], "judge": judged,
                      "quality": [(a + b) / 2 for a, b in zip(ifd_q, judged, strict=False)]}
         print(f"  scored {kind}: {len(items)} records in {time.monotonic() - t:.0f} s", flush=True)
-    judge.close()
+    if judge:
+        judge.close()
     return out
 
 
@@ -117,6 +120,8 @@ def report(values: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, flo
     table: dict[str, dict[str, float]] = {}
     for scorer in ("checks", "ifd_raw", "ifd", "judge", "quality"):
         pos = values["real"][scorer]
+        if not pos:  # --judge-n 0: no judge, no combined score
+            continue
         row = {k: auroc(pos, values[k][scorer]) for k in kinds}
         row["all"] = auroc(pos, [v for k in kinds for v in values[k][scorer]])
         table[scorer] = row
@@ -175,7 +180,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
     p.add_argument("--n", type=int, default=100)
-    p.add_argument("--judge-n", type=int, default=40)
+    p.add_argument("--judge-n", type=int, default=40, help="Records per kind the judge rates (0: no judge).")
     p.add_argument("--backend", default="auto")
     p.add_argument("--train-n", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)

@@ -73,7 +73,9 @@ please now then and also first next finally just kindly you can could would will
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 _CLAUSE = re.compile(r"[,;:.!\n()]|\bthen\b")
 # "you need to write", "I want you to list": a request put as a sentence ("The aim is to compare" is not one).
-_ASKED = re.compile(r"\b(?:you|your (?:task|job|goal)|i|we)\b[^.,;:!?]{0,40}?\bto\s+([a-z]+)")
+# "you need to write", "I want you to list", "your task is to summarise"; not "I'm going to make a cake" (a
+# 135M teacher's statement that passed when "I" and "we" counted as the one asked).
+_ASKED = re.compile(r"\b(?:you|your (?:task|job|goal))\b[^.,;:!?]{0,40}?\bto\s+([a-z]+)")
 _PREFIXED = re.compile(r"\b(re|de|co|pre)-(?=[a-z])")  # re-write -> rewrite
 
 

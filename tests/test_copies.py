@@ -71,7 +71,8 @@ JUNK = ["John Smith, CEO of XYZ Corporation", "Elon Musk, CEO of Tesla Motors In
         "The management strategies of the organization are based on innovation and creativity.",
         "An adventure story about a student with a disability can be found here:",
         "When it comes to choosing the best example of a primary source, there isn't one.",
-        "The purpose of an A/B test is to compare two or more groups and determine which one performs better."]
+        "The purpose of an A/B test is to compare two or more groups and determine which one performs better.",
+        "It's actually quite simple, but I like to think of it as \"I'm going to make a cake tomorrow\"!"]
 TASKS = ["Given a list of numbers, find the largest.", "What is the capital of France", "Is this sentence correct",
          "You need to write a creative opening scene for a horror movie.", "Briefly explain photosynthesis.",
          "Read the paragraph and then summarize it.", "Re-write the sentence in the passive voice.",
