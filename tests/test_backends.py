@@ -167,7 +167,8 @@ def test_faults_are_retried_and_counted(teacher_dir, fast_config, tmp_path):
     retried = {k: v for k, v in calls.items() if k.startswith("retried_")}
     assert set(retried) <= {"retried_429", "retried_500", "retried_timeout", "retried_bad_json",
                             "retried_4xx_continue_final_message", "retried_4xx_structured_outputs"}
-    assert calls["sent"] == calls["ok"] + sum(retried.values())
+    # (and those in flight when the run reached its target, cancelled: how many depends on timing)
+    assert calls["sent"] == calls["ok"] + sum(retried.values()) + calls.get("cancelled", 0)
     assert calls.get("failed", 0) == 0
     check = read_jsonl(run / "generated.jsonl")
     assert len({r["instruction"] for r in check}) == 3

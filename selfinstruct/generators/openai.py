@@ -242,6 +242,9 @@ class OpenAIGenerator:
                     self.counts["sent"] += 1
                     async with self._session.post(endpoint, json=body, headers=self._headers) as resp:
                         status, text, headers = resp.status, await resp.text(errors="replace"), resp.headers
+            except asyncio.CancelledError:  # the run no longer needs it (it ended, or its step was dropped)
+                self.counts["cancelled"] += 1
+                raise
             except asyncio.TimeoutError as e:
                 problem = f"{endpoint}: timed out after {self.cfg.request_timeout} s ({type(e).__name__})"
                 self._failed(ep, "retried_timeout")
