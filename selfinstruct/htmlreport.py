@@ -39,6 +39,8 @@ img{max-width:min(100%,44em);border:1px solid #eee;margin:.5em 0}
 
 
 def esc(value: Any) -> str:
+    if value is None:
+        return "-"
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     return html.escape(text if len(text) <= CLIP else text[:CLIP] + " …")
 
