@@ -210,7 +210,7 @@ def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path,
     g.instance_sampling = dataclasses.replace(g.instance_sampling, max_tokens=160)
     g.alpaca.sampling = dataclasses.replace(g.alpaca.sampling, max_tokens=256)
     # At WizardLM's temperature 1.0 this 135M model's rewrites ramble past a CPU-sized budget (truncated_evolution)
-    g.evol.evolve_sampling = dataclasses.replace(g.evol.evolve_sampling, max_tokens=128, temperature=0.7)
+    g.evol.evolve_sampling = dataclasses.replace(g.evol.evolve_sampling, max_tokens=192, temperature=0.7)
     g.evol.response_sampling = dataclasses.replace(g.evol.response_sampling, max_tokens=160, temperature=0.7)
     run_generate(cfg)  # a stall raises StalledError
     stats = json.loads((out / "stats.json").read_text())
