@@ -123,9 +123,9 @@ generate:
   method: evol
   evol:
     rounds: 1
-    batch_size: 12
-    max_inputs: 12   # SmolLM2 fails most rewrites (statements, not prompts): the checks reject them
-    evolve_sampling: {temperature: 0.7, top_p: 0.95, max_tokens: 160}
+    batch_size: 24
+    max_inputs: 24   # SmolLM2 fails most rewrites (statements, not prompts): the checks reject them
+    evolve_sampling: {temperature: 0.7, top_p: 0.95, max_tokens: 192}
     response_sampling: {temperature: 0.7, top_p: 0.95, max_tokens: 300}
     equality_sampling: {temperature: 0.0, max_tokens: 4}
 train: {epochs: 1, batch_size: 4, max_length: 384, logging_steps: 1, lora_r: 8}
@@ -145,7 +145,7 @@ def test_two_rounds_on_smollm2_with_the_student_generating_on_vllm(smollm2_dir, 
     cfg = tmp_path / "rounds.yaml"
     cfg.write_text(ROUNDS)
     out = tmp_path / "run"
-    # the repo's 65 seed tasks (evol takes the first 12): plain_tasks.jsonl's six gave SmolLM2 too few tries
+    # the repo's 65 seed tasks (evol takes the first 24): plain_tasks.jsonl's six gave SmolLM2 too few tries
     r = cli("run", "--seeds", ROOT / "seeds", "--teacher", smollm2_dir, "--student", smollm2_dir, "--heldout",
             ROOT / "heldout", "--out", out, "--config", cfg, timeout=1800)  # a guard only: ~3 min on a quiet machine
     assert r.returncode == 0, r.stderr[-5000:]
