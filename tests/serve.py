@@ -62,7 +62,25 @@ def transformers_serve(model: Path, log: Path, timeout: float = 120) -> Iterator
             proc.kill()
 
 
-class FaultyProxy:
+class _InThread:
+    """A uvicorn server (self.server, self.thread, self.port) run in a thread for the `with` block."""
+
+    def __enter__(self) -> _InThread:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+class FaultyProxy(_InThread):
     """A local HTTP proxy in front of a real server that misbehaves for some requests, by count:
     every `every_429`-th answers 429 (Retry-After: 0.2), every `every_500`-th 500, every
     `every_hang`-th never answers (it waits until the client disconnects), every `every_garbage`-th
@@ -136,22 +154,9 @@ class FaultyProxy:
                                                     timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> FaultyProxy:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
 
 
-class ScriptedServer:
+class ScriptedServer(_InThread):
     """A minimal OpenAI-compatible chat server on 127.0.0.1 whose reply to each request is `script(prompt)` (the
     last user message), sent as JSON (a lone surrogate in the text stays a valid `\\udXXX` escape), with a `usage`
     of `usage` (anything, to test what a server may send). Counts the requests it answered."""
@@ -181,16 +186,3 @@ class ScriptedServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> ScriptedServer:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
