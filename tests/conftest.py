@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+# One torch thread in every test process and every process a test starts (set before torch is imported): CI
+# shares two cores with other work, and there two OpenMP threads wait on each other. Measured with a busy-loop
+# beside the tests: SmolLM2 generating 4 x 64 tokens took 42 s on two threads and 12 s on one, and the
+# durability and generate-then-train tests 277 s against 138 s (without the busy-loop, 12 s either way for the
+# generation). Set OMP_NUM_THREADS yourself to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import json  # noqa: E402
 import subprocess
 import sys
 from pathlib import Path

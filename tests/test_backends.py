@@ -160,7 +160,9 @@ def test_faults_are_retried_and_counted(teacher_dir, fast_config, tmp_path):
     calls = json.loads((run / "stats.json").read_text())["teacher_calls"]
     assert proxy.faults["429"] and proxy.faults["500"] and proxy.faults["hang"] and proxy.faults["garbage"]
     assert calls["retried_429"] == proxy.faults["429"] and calls["retried_500"] == proxy.faults["500"]
-    assert calls["retried_timeout"] == proxy.faults["hang"] + proxy.faults["abandoned"]
+    # a hang (or a late honest answer) still in flight when the run reached its target was cancelled, not retried
+    timed_out = proxy.faults["hang"] + proxy.faults["abandoned"]
+    assert timed_out - calls.get("cancelled", 0) <= calls["retried_timeout"] <= timed_out
     assert calls["retried_bad_json"] == proxy.faults["garbage"]  # non-UTF-8 bodies too
     # every request sent is accounted for: answered, or retried for a named reason (including the 422s of
     # transformers serve for the prefill and choice fields, sent once and then dropped); none lost

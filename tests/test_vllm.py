@@ -114,13 +114,23 @@ def test_choice_is_enforced(chat):
 @pytest.mark.parametrize("method", ["self-instruct", "alpaca", "evol"])
 def test_recipe_reaches_its_target_on_the_engine(chat, smollm2_dir, tmp_path, method):
     """Each recipe on SmolLM2 through the module's engine (a run in this process reuses it): the target is
-    reached without a stall and every record passes the filters (conftest.run_recipe_on_smollm2)."""
+    reached without a stall and every record passes the filters (conftest.run_recipe_on_smollm2). The
+    self-instruct run is also judged (quality.scorers [ifd, judge]): the teacher's own engine answers the audit
+    questions as enforced choices, every accepted record carries them, and stats.json holds the audit."""
     from conftest import run_recipe_on_smollm2
 
-    records, stats = run_recipe_on_smollm2(smollm2_dir, method, "vllm", tmp_path / "run")
+    judged = method == "self-instruct"
+    records, stats = run_recipe_on_smollm2(smollm2_dir, method, "vllm", tmp_path / "run",
+                                           {"quality.scorers": ["ifd", "judge"]} if judged else None)
     assert _ENGINE["llm"] is chat.llm  # no second engine
     if method == "self-instruct":
         assert {r["scores"]["classification_mode"] for r in records} == {"choice"}
+        for r in records:
+            j = r["scores"]["judge"]
+            assert j["mode"] == "choice" and j["unparsed"] == 0 and j["score"] in range(1, 6)
+        audit = stats["quality"]["accepted"]["judge"]["audit"]
+        assert audit["records"] == len(records) and audit["valid task"]["n"] == len(records)
+        assert stats["requests"]["instances"] >= stats["accepted_instructions"]
     if method == "evol":
         assert {r["scores"]["equality_mode"] for r in records} == {"choice"}
 
@@ -148,19 +158,3 @@ def test_judge_verdicts_are_choices(chat, tmp_path):
     w = compare(Config(eval=EvalConfig()), chat, items, ["Paris.", "Red."], ["Bananas.", "Trains."], "vs_base",
                 tmp_path / "j.jsonl")
     assert w["unparsed_verdicts"] == 0 and w["verdict_mode"] == "choice" and w["n"] == 2
-
-
-def test_records_are_judged_on_the_engine(chat, smollm2_dir, tmp_path):
-    """quality.scorers [ifd, judge]: the teacher's own engine answers the audit questions as enforced choices, every
-    accepted record carries them, and stats.json holds the audit of what was accepted."""
-    from conftest import run_recipe_on_smollm2
-
-    records, stats = run_recipe_on_smollm2(smollm2_dir, "self-instruct", "vllm", tmp_path / "run",
-                                           {"quality.scorers": ["ifd", "judge"]})
-    assert _ENGINE["llm"] is chat.llm
-    for r in records:
-        j = r["scores"]["judge"]
-        assert j["mode"] == "choice" and j["unparsed"] == 0 and j["score"] in range(1, 6)
-    audit = stats["quality"]["accepted"]["judge"]["audit"]
-    assert audit["records"] == len(records) and audit["valid task"]["n"] == len(records)
-    assert stats["requests"]["instances"] >= stats["accepted_instructions"]

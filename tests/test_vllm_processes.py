@@ -126,7 +126,7 @@ generate:
     batch_size: 24
     max_inputs: 24   # SmolLM2 fails most rewrites (statements, not prompts): the checks reject them
     evolve_sampling: {temperature: 0.7, top_p: 0.95, max_tokens: 192}
-    response_sampling: {temperature: 0.7, top_p: 0.95, max_tokens: 300}
+    response_sampling: {temperature: 0.7, top_p: 0.95, max_tokens: 160}
     equality_sampling: {temperature: 0.0, max_tokens: 4}
 train: {epochs: 1, batch_size: 4, max_length: 384, logging_steps: 1, lora_r: 8}
 eval:
