@@ -133,7 +133,10 @@ def _toml_key_lines(text: str) -> dict[str, int]:
     return out
 
 
-def _build(cls: type, data: Any, prefix: str, lines: dict[str, int], path: Any) -> Any:
+def _build(cls: type, data: Any, prefix: str, lines: dict[str, int], path: Any, base: Any = None) -> Any:
+    """`data` onto `base` (the field's own default; `cls()` at the top): a key the file leaves out keeps the
+    default its field has, which for a nested sampling mapping may differ from the class's (the paper's stop
+    strings of instruction_sampling, say)."""
     where = prefix[:-1] or "the config"
     if not isinstance(data, dict):
         raise UserError(f"'{where}' must be a mapping, got {type(data).__name__}", path, lines.get(prefix[:-1]))
@@ -143,12 +146,16 @@ def _build(cls: type, data: Any, prefix: str, lines: dict[str, int], path: Any) 
             raise UserError(f"unknown key '{prefix}{key}' (known: {', '.join(known)})", path,
                             lines.get(prefix + str(key)))
     hints = typing.get_type_hints(cls)
+    base = cls() if base is None else base
     values = {}
     for name, value in data.items():
         dotted = prefix + name
-        values[name] = _coerce(value, hints[name], known[name].metadata.get("choices"), dotted, lines, path)
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], value, dotted + ".", lines, path, getattr(base, name))
+        else:
+            values[name] = _coerce(value, hints[name], known[name].metadata.get("choices"), dotted, lines, path)
     try:
-        return cls(**values)
+        return dataclasses.replace(base, **values)
     except ConfigValueError as e:
         raise UserError(f"'{prefix}{e.key}': {str(e).split(': ', 1)[1]}", path,
                         lines.get(prefix + e.key)) from None
@@ -156,8 +163,6 @@ def _build(cls: type, data: Any, prefix: str, lines: dict[str, int], path: Any) 
 
 def _coerce(value: Any, hint: Any, choices: Any, dotted: str, lines: dict[str, int], path: Any) -> Any:
     line = lines.get(dotted)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, dotted + ".", lines, path)
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:

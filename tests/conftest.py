@@ -39,11 +39,11 @@ generate:
   prompts_dir: {tiny.TEST_PROMPTS}
   request_batch_size: 4
   max_stalled_requests: 200
-  instruction_sampling: {{temperature: 1.0, top_p: 1.0, max_tokens: 96, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}}
-  instance_sampling: {{temperature: 0.0, max_tokens: 96, stop: ["Task:"]}}
+  instruction_sampling: {{temperature: 1.0, top_p: 1.0, presence_penalty: 0.0, max_tokens: 96}}  # paper's stop
+  instance_sampling: {{temperature: 0.0, presence_penalty: 0.0, max_tokens: 96, stop: ["Task:"]}}
   alpaca: {{sampling: {{temperature: 1.0, max_tokens: 160}}}}
-  evol: {{rounds: 2, batch_size: 5, evolve_sampling: {{temperature: 1.0, max_tokens: 48}},
-         response_sampling: {{temperature: 1.0, max_tokens: 64}}}}
+  evol: {{rounds: 2, batch_size: 5, evolve_sampling: {{temperature: 1.0, top_p: 1.0, max_tokens: 48}},
+         response_sampling: {{temperature: 1.0, top_p: 1.0, max_tokens: 64}}}}
 train:
   epochs: 2
   batch_size: 4

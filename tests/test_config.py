@@ -25,7 +25,10 @@ def test_yaml_file_then_overrides(tmp_path):
     assert cfg.teacher.model == "from-flag"
     assert cfg.generate.num_instructions == 7
     assert cfg.generate.instruction_sampling.top_p == 0.9
-    assert cfg.generate.instruction_sampling.temperature == 0.7  # untouched fields keep defaults
+    # untouched fields keep their field's defaults (the paper's), not the Sampling class's
+    s = cfg.generate.instruction_sampling
+    assert (s.temperature, s.presence_penalty, s.max_tokens) == (0.7, 2.0, 1024)
+    assert s.stop == Config().generate.instruction_sampling.stop == ["\n\n", "\n16", "16.", "16 ."]
 
 
 def test_toml_file(tmp_path):

@@ -48,7 +48,8 @@ def test_gguf_as_student_and_teacher(smollm2_gguf_file, xdg, tmp_path):
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("teacher: {backend: transformers}\ngenerate:\n  evol: {rounds: 1, max_inputs: 1, "
-                   "evolve_sampling: {max_tokens: 40}, response_sampling: {max_tokens: 40}, "
+                   "evolve_sampling: {temperature: 0.7, top_p: 1.0, max_tokens: 40}, "
+                   "response_sampling: {temperature: 0.7, top_p: 1.0, max_tokens: 40}, "
                    "equality_sampling: {temperature: 0.0, max_tokens: 4}}\n")
     run = tmp_path / "run"
     r = cli("generate", "--method", "evol", "--seeds", ROOT / "tests" / "data" / "plain_tasks.jsonl", "--teacher",

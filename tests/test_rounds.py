@@ -25,8 +25,8 @@ generate:
   request_batch_size: 4
   max_stalled_requests: 200
   num_instructions: 3
-  instruction_sampling: {{temperature: 1.0, top_p: 1.0, max_tokens: 96, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}}
-  instance_sampling: {{temperature: 0.0, max_tokens: 96, stop: ["Task:"]}}
+  instruction_sampling: {{temperature: 1.0, top_p: 1.0, presence_penalty: 0.0, max_tokens: 96}}  # paper's stop
+  instance_sampling: {{temperature: 0.0, presence_penalty: 0.0, max_tokens: 96, stop: ["Task:"]}}
 train:
   epochs: 25
   batch_size: 1

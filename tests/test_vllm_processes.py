@@ -30,8 +30,8 @@ generate:
     rounds: 2
     batch_size: 2
     max_inputs: 4
-    evolve_sampling: {temperature: 1.0, max_tokens: 64}
-    response_sampling: {temperature: 1.0, max_tokens: 96}
+    evolve_sampling: {temperature: 1.0, top_p: 1.0, max_tokens: 64}
+    response_sampling: {temperature: 1.0, top_p: 1.0, max_tokens: 96}
     equality_sampling: {temperature: 0.0, max_tokens: 4}
 """
 
