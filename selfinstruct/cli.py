@@ -196,10 +196,10 @@ def _config(args: argparse.Namespace, resume_dir: str | None) -> Config:
     overrides = {k: v for k, v in vars(args).items() if "." in k and v is not None}
     if getattr(args, "no_cache", False):
         overrides["teacher.cache"] = None
-    path = args.config
-    if path is None and resume_dir and kind_of(Path(resume_dir)) and (Path(resume_dir) / "config.yaml").exists():
-        path = str(Path(resume_dir) / "config.yaml")  # a resumed run of ours keeps the settings it started with
-    return load_config(path, overrides)
+    under = None  # a resumed run of ours keeps the settings it started with; --config and flags go on top
+    if resume_dir and kind_of(Path(resume_dir)) and (Path(resume_dir) / "config.yaml").exists():
+        under = Path(resume_dir) / "config.yaml"
+    return load_config(args.config, overrides, under=under)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -28,12 +28,17 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the file (YAML or TOML), then `overrides` ({"section.key": value}); validated."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                under: str | Path | None = None) -> Config:
+    """Defaults, then `under` (a resumed run's own config.yaml), then the file `path` (YAML or TOML), then
+    `overrides` ({"section.key": value}); validated."""
     data: dict[str, Any] = {}
     lines: dict[str, int] = {}
+    if under is not None:
+        data, _ = _read_file(Path(under))
     if path is not None:
-        data, lines = _read_file(Path(path))
+        mine, lines = _read_file(Path(path))
+        data = _merge(data, mine)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, last = dotted.split(".")
@@ -45,6 +50,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         return small_teacher(_build(Config, data, "", lines, path))
     except ConfigValueError as e:  # raised by __post_init__ of a section we could not name more precisely
         raise UserError(str(e), path) from None
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, section by section (a mapping in both is merged, anything else replaced)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def small_teacher(cfg: Config) -> Config:

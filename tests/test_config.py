@@ -105,3 +105,21 @@ def test_the_builtin_teacher_gets_cpu_sized_settings_the_user_did_not_choose(tmp
     cfg.write_text("generate:\n  instance_sampling: {temperature: 0.0, max_tokens: 300}\n")
     mine = load_config(cfg, {"teacher.model": "smollm2", "generate.request_batch_size": 2})
     assert mine.generate.instance_sampling.max_tokens == 300 and mine.generate.request_batch_size == 2
+
+
+def test_a_resumed_run_keeps_its_config_under_the_new_file_and_flags(tmp_path):
+    """--resume --config FILE: the run's own config.yaml first, FILE on top key by key, then the flags."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text(dump_yaml(load_config(None, {"teacher.model": "m", "generate.num_instructions": 7,
+                                                   "generate.request_batch_size": 3})))
+    mine = tmp_path / "more.yaml"
+    mine.write_text("generate:\n  request_batch_size: 2\n  instance_sampling: {max_tokens: 64}\n")
+    cfg = load_config(mine, {"generate.seed": 5}, under=saved)
+    g = cfg.generate
+    assert (cfg.teacher.model, g.num_instructions, g.request_batch_size, g.seed) == ("m", 7, 2, 5)
+    assert g.instance_sampling.max_tokens == 64 and g.instance_sampling.stop == ["Task:"]  # the rest kept
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generate:\n  request_batch_size: 0\n")
+    with pytest.raises(UserError) as e:
+        load_config(bad, under=saved)
+    assert f"{bad}:2" in str(e.value)
