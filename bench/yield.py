@@ -103,8 +103,8 @@ def one(model: str, method: str, backend: str, budget: int, target: int, out: Pa
     factory = "make_generator" if hasattr(loop, "make_generator") else "make_teacher"  # older commits' name
     real = getattr(loop, factory)
 
-    def budgeted(tcfg: object) -> Budget:
-        made.append(Budget(real(tcfg), budget))
+    def budgeted(tcfg: object, *more: object) -> Budget:  # make_generator's signature, whatever it is
+        made.append(Budget(real(tcfg, *more), budget))
         return made[-1]
 
     setattr(loop, factory, budgeted)
@@ -115,6 +115,8 @@ def one(model: str, method: str, backend: str, budget: int, target: int, out: Pa
         stopped = "budget"
     except Exception as e:  # noqa: BLE001 - a stall or a crash is a result here, reported as such
         stopped = f"{type(e).__name__}: {str(e)[:200]}"
+    if not made:  # it failed before it had a teacher
+        raise SystemExit(f"{method}: {stopped}")
     teacher = made[0]
     records = [json.loads(x) for x in (out / "generated.jsonl").read_text().splitlines()] if made else []
     reasons = collections.Counter(json.loads(x)["reason"]
