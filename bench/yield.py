@@ -88,8 +88,8 @@ def one(model: str, method: str, backend: str, budget: int, target: int, out: Pa
     if list_format != "text":
         overrides["generate.list_format"] = list_format
     judging = importlib.util.find_spec("selfinstruct.scoring") is not None  # code with the quality gate
-    if judging:
-        overrides["quality.ifd_model"] = model
+    if judging:  # the gate as a user who asks for it runs it: IFD on MODEL, quality.max_ifd 1
+        overrides["quality.ifd_model"], overrides["quality.scorers"] = model, ["ifd"]
     cfg = load_config(None, overrides)
     g = cfg.generate
     short = {"max_tokens": STAGE_TOKENS}

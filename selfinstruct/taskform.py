@@ -7,8 +7,9 @@ formal."), a plain statement ("The strategy is based on innovation.").
 
 A text reads as a task when it asks something (a question mark; a question word followed by a verb or
 "many", "much"...; an auxiliary first: "Is this sentence correct"), begins with "Given", or has a clause that
-starts with a verb of instruction ("Write", "please explain", "..., then sort"), or asks in a sentence ("you need
-to classify", "I want you to list"; not "The aim is to compare").
+starts with a verb of instruction ("Write", "please explain", "..., then sort"; not "..., and add it to the total",
+nor "You can begin by ...": advice), or asks in a sentence ("you need to classify", "I want you to list"; not "The
+aim is to compare"). A text that opens with "Yes," or "No," is an answer, never a task.
 Measured on Alpaca's 52,002 human-checked instructions, 0.5% fail (typos such as "Descibe", rare verbs);
 on a 135M teacher's rejected output, every name, label and statement fails (README, "Quality"). English only:
 `filters.require_task_form: false` turns it off for other languages.
@@ -68,8 +69,10 @@ what whats how why who whom whose which where when
 _AFTER_QUESTION_WORD = AUXILIARIES | frozenset(_words("many much long far often old of one type types kind kinds"))
 # Words that may stand before a clause's verb: "please explain", "you need to write", "then briefly list".
 _LEADS = frozenset(_words("""
-please now then and also first next finally just kindly you can could would will must should need me us
+please now then also first next finally just kindly you could would will must should need me us
 """))
+# An answer, not a task: "No, the sentence does not contain a clause ...", "Yes. It does." (none of Alpaca's 52,002).
+_ANSWER = re.compile(r"(?:yes|no)\b\s*[,.!]")
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 _CLAUSE = re.compile(r"[,;:.!\n()]|\bthen\b")
 # "you need to write", "I want you to list": a request put as a sentence ("The aim is to compare" is not one).
@@ -82,6 +85,8 @@ _PREFIXED = re.compile(r"\b(re|de|co|pre)-(?=[a-z])")  # re-write -> rewrite
 def looks_like_task(text: str) -> bool:
     """Whether `text` reads as a task (a request or a question), as the module docstring says."""
     low = _PREFIXED.sub(r"\1", text.strip().lower())
+    if _ANSWER.match(low):
+        return False
     if "?" in low:
         return True
     words = _WORD.findall(low)

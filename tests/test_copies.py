@@ -72,7 +72,12 @@ JUNK = ["John Smith, CEO of XYZ Corporation", "Elon Musk, CEO of Tesla Motors In
         "An adventure story about a student with a disability can be found here:",
         "When it comes to choosing the best example of a primary source, there isn't one.",
         "The purpose of an A/B test is to compare two or more groups and determine which one performs better.",
-        "It's actually quite simple, but I like to think of it as \"I'm going to make a cake tomorrow\"!"]
+        "It's actually quite simple, but I like to think of it as \"I'm going to make a cake tomorrow\"!",
+        # on the repo's seeds, on vLLM: answers, advice and a worked step, each accepted before these checks
+        "No, the sentence does not contain a clause that could be used as an answer to the question \"How do I "
+        "get started with my morning routine?\"", "Yes, the sentence is grammatically correct.",
+        "You can begin by setting a good example for yourself.",
+        "Fifth, I will round up to the next whole number (to make it 6) and add it to the total weight."]
 TASKS = ["Given a list of numbers, find the largest.", "What is the capital of France", "Is this sentence correct",
          "You need to write a creative opening scene for a horror movie.", "Briefly explain photosynthesis.",
          "Read the paragraph and then summarize it.", "Re-write the sentence in the passive voice.",
