@@ -6,9 +6,12 @@
 A weak teacher answers an instance prompt with the prompt's own demonstration ("25 degrees Celsius" ->
 "77 degrees Fahrenheit", whatever the task), or with the task itself. Three reasons, always on:
 - `copies_demo`: an instruction, input or output that equals a demonstration shown in the prompt that made it
-  (after NFKC, case and whitespace normalisation) or scores ROUGE-L >= 0.9 against one. A field shorter
-  than MIN_COPY_TOKENS tokens (a class label, "yes", "13", "dolphin") counts only when the whole (input,
-  output) pair is a demonstration's: "positive" under a new review is an answer, not a copy.
+  (after NFKC, case and whitespace normalisation) or scores ROUGE-L >= 0.9 against one. An input or output is
+  compared with every input and output shown (a demo's input returned as an output is a copy too), and one of
+  CONTAINED_MIN_TOKENS tokens or more that lies almost whole inside a shown text (90% of its tokens in order)
+  is one as well: the paragraph of a demo's "Paragraph: ... Question: ..." input. A field shorter than
+  MIN_COPY_TOKENS tokens (a class label, "yes", "13", "dolphin") counts only when the whole (input, output)
+  pair is a demonstration's: "positive" under a new review is an answer, not a copy.
 - `echoes_instruction`: an input or output that repeats the task's own instruction (same test).
 - `format_leak`: an input or output holding a line of the prompt's scaffolding ("Output:", "Input:",
   "Example 2", "Class label:", "Task:", "3. Instruction:"): a reply the parser could not split, not an example.
@@ -21,11 +24,20 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from rapidfuzz.distance import LCSseq
+
 from selfinstruct.dedup import normalise, rouge_l, rouge_tokens
 from selfinstruct.seeds import Instance
 
 COPY_ROUGE = 0.9
 MIN_COPY_TOKENS = 3
+CONTAINED_MIN_TOKENS = 6
+
+
+def contained(text: str, shown: Iterable[str]) -> bool:
+    """Whether COPY_ROUGE of `text`'s tokens appear, in order, inside one of `shown` (ROUGE-L precision)."""
+    own = rouge_tokens(text)
+    return bool(own) and any(LCSseq.similarity(own, rouge_tokens(s)) >= COPY_ROUGE * len(own) for s in shown)
 
 
 def copies(text: str, shown: Iterable[str]) -> bool:
@@ -41,9 +53,11 @@ def instance_copy(inst: Instance, demos: list[Instance], instruction: str) -> st
     scaffolding; "" when it is neither."""
     if _key(inst) in {_key(d) for d in demos}:
         return "copies_demo"
+    shown = [d.input for d in demos] + [d.output for d in demos]
     for field in ("input", "output"):
         text = getattr(inst, field)
-        if len(rouge_tokens(text)) >= MIN_COPY_TOKENS and copies(text, [getattr(d, field) for d in demos]):
+        n = len(rouge_tokens(text))
+        if n >= MIN_COPY_TOKENS and copies(text, shown) or n >= CONTAINED_MIN_TOKENS and contained(text, shown):
             return "copies_demo"
     if copies(inst.output, [instruction]) or (inst.input.strip() and copies(inst.input, [instruction])):
         return "echoes_instruction"

@@ -14,7 +14,9 @@ from selfinstruct.seeds import Instance
 from selfinstruct.taskform import looks_like_task
 
 DEMOS = [Instance("25 degrees Celsius", "77 degrees Fahrenheit"), Instance("13", "yes"),
-         Instance("", "1. Go to bed at the same time every night. 2. Keep the bedroom dark.")]
+         Instance("", "1. Go to bed at the same time every night. 2. Keep the bedroom dark."),
+         Instance("Paragraph: The library opens at 9 am on weekdays and at 11 am on Saturdays. It is closed on "
+                  "Sundays.\nQuestion: When does the library open on Saturdays?", "At 11 am.")]
 
 
 @pytest.mark.parametrize("inst,reason", [
@@ -23,6 +25,11 @@ DEMOS = [Instance("25 degrees Celsius", "77 degrees Fahrenheit"), Instance("13",
     (Instance("A rainy day in May", "77 degrees Fahrenheit"), "copies_demo"),      # a demo's output under new input
     (Instance("", "1. Go to bed at the same time each night. 2. Keep the bedroom dark."), "copies_demo"),  # ROUGE 0.9+
     (Instance("13", "yes"), "copies_demo"),                                          # a short pair, whole
+    (Instance("77 degrees Fahrenheit", "25 C"), "copies_demo"),                     # a demo's output as the input
+    # the paragraph of a demo's input, alone (seen from SmolLM2 on the engine, under four instructions)
+    (Instance("The library opens at 9 am on weekdays and at 11 am on Saturdays. It is closed on Sundays.",
+              "The library does not open on Sundays."), "copies_demo"),
+    (Instance("The museum opens at 10 am on weekdays and is closed on Mondays and public holidays.", "10 am"), ""),
     (Instance("I loved the film.", "yes"), ""),          # a short label alone is an answer, not a copy
     (Instance("17", "yes"), ""),
     (Instance("30 degrees Celsius", "86 degrees Fahrenheit"), ""),
