@@ -124,7 +124,7 @@ def one(model: str, method: str, backend: str, budget: int, target: int, out: Pa
     state = json.loads((out / "state.json").read_text())
     stats = teacher.inner.stats if hasattr(teacher.inner, "stats") else {}
     tokens_out = stats.get("tokens_out", 0)
-    valid = judge(teacher.inner, records) if judging and records else {"task": None, "all": None}
+    valid = judge(model, backend, records) if judging and records else {"task": None, "all": None}
     copied = sum(reasons[r] for r in COPIES)
     return {"code": str(Path(selfinstruct.__file__).parent.parent), "method": method, "backend": backend,
             "stopped": stopped, "requests": teacher.spent, "records": len(records),
@@ -137,15 +137,21 @@ def one(model: str, method: str, backend: str, budget: int, target: int, out: Pa
 COPIES = ("copies_demo", "echoes_instruction", "format_leak", "shared_instance")
 
 
-def judge(teacher: object, records: list[dict]) -> dict[str, int]:
-    """How many records the judge calls a valid task, and valid in all three audit questions."""
-    from selfinstruct.config import Sampling
+def judge(model: str, backend: str, records: list[dict]) -> dict[str, int]:
+    """How many records the judge (MODEL, loaded again: the run closed its teacher) calls a valid task, and valid
+    in all three audit questions."""
+    from selfinstruct.config import Sampling, TeacherConfig
+    from selfinstruct.generators import make_generator
     from selfinstruct.generators.base import choice_mode
     from selfinstruct.prompts import Prompts
     from selfinstruct.scoring import all_valid, judge_requests, read_judgements
 
     items = [(r["instruction"], r["input"], r["output"]) for r in records]
-    outs = teacher.generate(judge_requests(Prompts(), items, Sampling(temperature=0.0, max_tokens=4)))
+    teacher = make_generator(TeacherConfig(model=model, backend=backend, cache=None, max_model_len=2048))
+    try:
+        outs = teacher.generate(judge_requests(Prompts(), items, Sampling(temperature=0.0, max_tokens=4)))
+    finally:
+        teacher.close()
     judged = read_judgements(outs, choice_mode(teacher))
     return {"task": sum(bool(j["task"]) for j in judged), "all": sum(all_valid(j) for j in judged)}
 
