@@ -9,7 +9,8 @@ A text reads as a task when it asks something (a question mark; a question word 
 "many", "much"...; an auxiliary first: "Is this sentence correct"), begins with "Given", or has a clause that
 starts with a verb of instruction ("Write", "please explain", "..., then sort"; not "..., and add it to the total",
 nor "You can begin by ...": advice), or asks in a sentence ("you need to classify", "I want you to list"; not "The
-aim is to compare"). A text that opens with "Yes," or "No," is an answer, never a task.
+aim is to compare"). A text that opens with "Yes," or "No," is an answer, never a task, and one made only of words
+about the task ("What is the task?", "What is the output?") asks nothing.
 Measured on Alpaca's 52,002 human-checked instructions, 0.5% fail (typos such as "Descibe", rare verbs);
 on a 135M teacher's rejected output, every name, label and statement fails (README, "Quality"). English only:
 `filters.require_task_form: false` turns it off for other languages.
@@ -79,6 +80,14 @@ _CLAUSE = re.compile(r"[,;:.!\n()]|\bthen\b")
 # "you need to write", "I want you to list", "your task is to summarise"; not "I'm going to make a cake" (a
 # 135M teacher's statement that passed when "I" and "we" counted as the one asked).
 _ASKED = re.compile(r"\b(?:you|your (?:task|job|goal))\b[^.,;:!?]{0,40}?\bto\s+([a-z]+)")
+# A task about the task, with nothing to do: "What is the task?", "What is the output of this example?" (a weak
+# teacher asks its prompt back). A text made of these words only, with no number, is no task. "Answer" is not
+# one of them: "Answer the given questions" is a task whose questions come in the input (Alpaca has it).
+_META = frozenset(_words("""
+task tasks instruction instructions question questions prompt prompts example examples input inputs output outputs
+response this that these the a an of for to given following above below is are what whats it its
+your my here please now
+"""))
 _PREFIXED = re.compile(r"\b(re|de|co|pre)-(?=[a-z])")  # re-write -> rewrite
 
 
@@ -87,9 +96,11 @@ def looks_like_task(text: str) -> bool:
     low = _PREFIXED.sub(r"\1", text.strip().lower())
     if _ANSWER.match(low):
         return False
+    words = _WORD.findall(low)
+    if words and all(w in _META for w in words) and not re.search(r"\d", low):
+        return False
     if "?" in low:
         return True
-    words = _WORD.findall(low)
     if not words:
         return False
     first = words[0]

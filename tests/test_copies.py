@@ -84,13 +84,16 @@ JUNK = ["John Smith, CEO of XYZ Corporation", "Elon Musk, CEO of Tesla Motors In
         "No, the sentence does not contain a clause that could be used as an answer to the question \"How do I "
         "get started with my morning routine?\"", "Yes, the sentence is grammatically correct.",
         "You can begin by setting a good example for yourself.",
-        "Fifth, I will round up to the next whole number (to make it 6) and add it to the total weight."]
+        "Fifth, I will round up to the next whole number (to make it 6) and add it to the total weight.",
+        # the prompt asked back: a task about the task, with nothing to do
+        "What is the task?", "What is the output of this example?", "Given the input, what is the output?"]
 TASKS = ["Given a list of numbers, find the largest.", "What is the capital of France", "Is this sentence correct",
          "You need to write a creative opening scene for a horror movie.", "Briefly explain photosynthesis.",
          "Read the paragraph and then summarize it.", "Re-write the sentence in the passive voice.",
          "I want you to list three fruits.", "How many legs does a spider have?", "Multiply 4 and 7.",
          "Your task is to summarize the article in three sentences.", "I want you to act as a travel guide.",
-         "Act as a tour guide and suggest three places to visit in Paris."]
+         "Act as a tour guide and suggest three places to visit in Paris.",
+         "Answer the given questions", "What is the answer to 14 + 29?", "6 + 3 = ?"]
 
 
 @pytest.mark.parametrize("text", JUNK)

@@ -82,6 +82,12 @@ def test_normalise():
     assert normalise_instruction("  tell me\n a joke ") == "Tell me a joke"
     assert normalise_instruction("1. list the ingredients.") == "List the ingredients."  # a nested list number
     assert normalise_instruction("3.5 million people: how many is that?") == "3.5 million people: how many is that?"
+    # labels a chat teacher puts before its instruction (SmolLM2 did), alone or after a number
+    for labelled in ("Instructions: sort the list.", "Task description: Sort the list.", "5: sort the list.",
+                     "9. Task 3: sort the list.", "New instruction: Sort the list."):
+        assert normalise_instruction(labelled) == "Sort the list."
+    assert normalise_instruction("Instruction manuals: list them.") == "Instruction manuals: list them."
+    assert normalise_instruction("1999: the year of what?") == "1999: the year of what?"
 
 
 def test_alpaca_continuation_restart_and_noinput():

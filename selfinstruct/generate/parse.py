@@ -19,12 +19,19 @@ _LABEL = re.compile(r"(?:^|\n)[ \t]*Class label[ \t]*\d*[ \t]*:", re.IGNORECASE)
 NO_INPUT = {"<none>", "none", "<noinput>", "n/a", ""}
 
 
+# A list number ("1. ", "2) ", "5: ") or a label a chat teacher puts before its instruction ("Instruction:",
+# "Task 3:", "Task description:", "New instruction:"), repeated or combined: "9. Instruction: Sort ...".
+_LEADING_LABEL = re.compile(
+    r"^(?:(?:\d{1,2}[.):]|(?:new\s+)?(?:task|instruction|prompt)s?(?:\s+description)?\s*\d*\s*:)\s+)+", re.IGNORECASE)
+
+
 def normalise_instruction(text: str) -> str:
-    """Whitespace collapsed, ends trimmed, a leftover list number ("1. ", "2) ") removed, first letter
-    upper-cased (only the first: unlike the original code's str.capitalize(), 'Python' and 'JSON' keep
-    their case). A chat teacher continuing item 9 often starts a list of its own: "9. 1. List...")."""
+    """Whitespace collapsed, ends trimmed, a leftover list number ("1. ", "2) ", "5: ") or label ("Instruction:",
+    "Task description:") removed, first letter upper-cased (only the first: unlike the original code's
+    str.capitalize(), 'Python' and 'JSON' keep their case). A chat teacher continuing item 9 often starts a list
+    of its own: "9. 1. List...")."""
     text = re.sub(r"\s+", " ", text).strip()
-    text = re.sub(r"^(?:\d+[.)]\s+)+", "", text)
+    text = _LEADING_LABEL.sub("", text)
     return text[:1].upper() + text[1:]
 
 
