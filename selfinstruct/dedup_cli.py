@@ -18,7 +18,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.records import json_line, read_rows, records_source, write_atomic
 from selfinstruct.seeds import record_text
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 METHODS = ("rouge", "exact", "minhash")
 
 

@@ -24,7 +24,7 @@ from selfinstruct.errors import UserError
 from selfinstruct.packing import IGNORE
 from selfinstruct.prompts import PROMPTS_DIR
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 DEFAULT_CHAT_TEMPLATE = PROMPTS_DIR / "chat" / "default.jinja"
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from selfinstruct.errors import UserError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None) -> Path:

@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from selfinstruct.errors import UserError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

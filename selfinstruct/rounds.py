@@ -41,7 +41,7 @@ from selfinstruct.records import read_jsonl, write_atomic, write_json
 from selfinstruct.report import report_table, write_report
 from selfinstruct.rundir import Ownership, check, kind_of, locked
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def stage_done(d: Path) -> bool:

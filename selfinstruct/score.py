@@ -34,7 +34,7 @@ from selfinstruct.records import json_line, read_rows, records_source, write_ato
 from selfinstruct.scoring import TEMPLATES
 from selfinstruct.seeds import read_task
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 BATCH = 64  # records per scoring batch (a progress step)
 
 

@@ -32,7 +32,7 @@ from selfinstruct.packing import IGNORE, PackedCollator, pack
 from selfinstruct.records import write_atomic, write_json
 from selfinstruct.rundir import Ownership, check
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def default_out(data: str) -> Path:

@@ -48,7 +48,7 @@ from selfinstruct.records import read_jsonl, write_atomic, write_json
 from selfinstruct.rundir import Ownership, kind_of
 from selfinstruct.seeds import SeedTask, load_tasks
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _instructions(run: Run) -> tuple[str, int, int]:

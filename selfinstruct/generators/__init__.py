@@ -52,9 +52,9 @@ def make_generator(cfg: TeacherConfig, health: Callable[[], None] | None = None)
     try:
         cache = ResponseCache(path)
     except (sqlite3.Error, OSError) as e:  # the cache cannot stop a run (cache.py)
-        Console(stderr=True).print(f"[yellow]warning:[/] the response cache {escape(str(path))} cannot be used "
-                                   f"({escape(str(e))}): running without it (delete the file, or pass --no-cache)",
-                                   highlight=False)
+        Console(stderr=True, soft_wrap=True).print(
+            f"[yellow]warning:[/] the response cache {escape(str(path))} cannot be used ({escape(str(e))}): running "
+            "without it (delete the file, or pass --no-cache)", highlight=False)
         return gen
     return CachedGenerator(gen, cache, model_fingerprint(cfg.model))
 

@@ -33,7 +33,7 @@ from rich.markup import escape
 
 from selfinstruct.generators.base import Completion, Generator, Request, clean_text
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def model_fingerprint(model: str) -> str | None:

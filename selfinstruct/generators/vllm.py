@@ -47,7 +47,7 @@ from selfinstruct.generators.base import (
     with_prefill,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 CPU_KV_CACHE_GIB = 4  # the CPU build's KV cache unless $VLLM_CPU_KVCACHE_SPACE says otherwise
 _ENGINE: dict[str, Any] = {}  # "key": engine identity without LoRA, "lora": LoRA enabled, "llm": the engine
 
