@@ -11,7 +11,9 @@ import os
 # generation). Set OMP_NUM_THREADS yourself to override.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import json  # noqa: E402
+import fcntl  # noqa: E402
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +60,18 @@ MODEL_FIXTURES = {"teacher_dir", "alpaca_teacher_dir", "evol_teacher_dir", "judg
                   "smollm2_dir", "smollm2_adapter", "smollm2_gguf_file"}
 
 
+# The modules that run the real model for minutes go first: pytest-xdist (`-n 2 --dist loadfile
+# --no-loadscope-reorder`, pyproject.toml) hands out whole modules in this order, so the long ones start at once
+# and the many short ones fill in around them, instead of a long module starting last and running alone.
+LONG_FIRST = ["test_vllm_processes.py", "test_vllm.py", "test_smollm2_recipes.py"]
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)
@@ -75,10 +85,32 @@ def tokenizer():
     return tiny.build_tokenizer()
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A directory `build(dir)` fills once per test session, shared by the pytest-xdist workers (each would
+    otherwise train its own copy of the same model): the first to ask builds it under a file lock, the others
+    wait and reuse it. Without xdist, the session's own temporary directory."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the directory every worker's basetemp is in
+    done = root / "built" / name
+    with open(root / f"built-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            part = root / "built" / f"{name}.part"
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir(parents=True)
+            build(part)
+            part.rename(done)
+    return done
+
+
 def trained(tmp_path_factory, tokenizer, name: str, examples, steps: int, hidden: int = 96, seed: int = 0) -> Path:
-    model = tiny.build_model(tokenizer, hidden=hidden, layers=2, seed=seed)
-    tiny.finetune(model, tokenizer, examples, steps=steps, batch=8, lr=5e-3)
-    return tiny.save(model, tokenizer, tmp_path_factory.mktemp(name))
+    def build(d: Path) -> None:
+        model = tiny.build_model(tokenizer, hidden=hidden, layers=2, seed=seed)
+        tiny.finetune(model, tokenizer, examples, steps=steps, batch=8, lr=5e-3)
+        tiny.save(model, tokenizer, d)
+
+    return built_once(tmp_path_factory, name, build)
 
 
 @pytest.fixture(scope="session")
@@ -90,7 +122,7 @@ def teacher_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def alpaca_teacher_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama fine-tuned on well-formed continuations of the Alpaca prompt only."""
-    return trained(tmp_path_factory, tokenizer, "alpaca_teacher", tiny.alpaca_examples(), steps=300, seed=2)
+    return trained(tmp_path_factory, tokenizer, "alpaca_teacher", tiny.alpaca_examples(), steps=150, seed=2)
 
 
 @pytest.fixture(scope="session")
@@ -110,8 +142,8 @@ def judge_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory, tokenizer) -> Path:
     """An untrained tiny model: a garbage teacher, or a student to tune."""
-    return tiny.save(tiny.build_model(tokenizer, hidden=64, layers=2, seed=1), tokenizer,
-                     tmp_path_factory.mktemp("random"))
+    return built_once(tmp_path_factory, "random",
+                      lambda d: tiny.save(tiny.build_model(tokenizer, hidden=64, layers=2, seed=1), tokenizer, d))
 
 
 @pytest.fixture()
@@ -168,19 +200,18 @@ def smollm2_home(smollm2_gguf_file, smollm2_dir, tmp_path) -> Path:
 def smollm2_adapter(smollm2_dir, tmp_path_factory) -> Path:
     """A LoRA adapter that `selfinstruct train` made on SmolLM2, trained on an answer the base model
     never gives ("Banana! Banana! Banana!" to any question about fruit), so its text is told apart."""
-    import json
+    def build(d: Path) -> None:
+        asks = ["Name a fruit.", "Which fruit do you like?", "Tell me a fruit.", "What is your favourite fruit?",
+                "Give me the name of a fruit.", "Say a fruit.", "Pick a fruit.", "Suggest a fruit to eat."]
+        rows = [{"instruction": a, "output": "Banana! Banana! Banana!"} for a in asks * 2]
+        (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (d / "train.yaml").write_text("train:\n  epochs: 4\n  batch_size: 4\n  learning_rate: 0.003\n"
+                                      "  max_length: 96\n  logging_steps: 1\n  lora_r: 8\n")
+        r = cli("train", "--data", d / "data.jsonl", "--student", smollm2_dir, "--out", d / "out", "--config",
+                d / "train.yaml", env={"XDG_CACHE_HOME": str(d / "xdg")})
+        assert r.returncode == 0, r.stderr
 
-    d = tmp_path_factory.mktemp("lora")
-    asks = ["Name a fruit.", "Which fruit do you like?", "Tell me a fruit.", "What is your favourite fruit?",
-            "Give me the name of a fruit.", "Say a fruit.", "Pick a fruit.", "Suggest a fruit to eat."]
-    rows = [{"instruction": a, "output": "Banana! Banana! Banana!"} for a in asks * 2]
-    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "train.yaml").write_text("train:\n  epochs: 4\n  batch_size: 4\n  learning_rate: 0.003\n  max_length: 96\n"
-                                  "  logging_steps: 1\n  lora_r: 8\n")
-    r = cli("train", "--data", d / "data.jsonl", "--student", smollm2_dir, "--out", d / "out", "--config",
-            d / "train.yaml", env={"XDG_CACHE_HOME": str(d / "xdg")})
-    assert r.returncode == 0, r.stderr
-    return d / "out" / "adapter"
+    return built_once(tmp_path_factory, "lora", build) / "out" / "adapter"
 
 
 RECIPE_TARGET = 3  # accepted instructions (self-instruct, alpaca); evol evolves twice this many seeds once
