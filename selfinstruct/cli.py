@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"selfinstruct {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    config, generation = _parents()
+    _generation_commands(sub, config, generation)
+    _training_commands(sub, config)
+    _data_commands(sub, config)
+    with_examples(sub)
+    return parser
+
+
+def _parents() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The flags every config-reading command shares, and those generate and run share."""
     config = argparse.ArgumentParser(add_help=False)  # every command that reads a config
     config.add_argument("--config", metavar="FILE", help="YAML or TOML config file; flags override it.")
     generation = argparse.ArgumentParser(add_help=False)  # what generate and run share
@@ -78,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="Neither read nor write the response cache (teacher.cache).")
     _flag(generation, "--judge", "eval.judge", metavar="MODEL")
     _quality_flags(generation)
+    return config, generation
 
+
+def _generation_commands(sub: Any, config: argparse.ArgumentParser, generation: argparse.ArgumentParser) -> None:
     g = sub.add_parser("generate", parents=[generation, config],
                        help="Grow an instruction dataset from seed tasks with a teacher model.")
     _flag(g, "--prompt-format", "teacher.prompt_format", choices=["auto", "chat", "completion"])
@@ -106,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(e, "--judge", "eval.judge", metavar="MODEL")
     e.set_defaults(func=cmd_eval)
 
+
+def _training_commands(sub: Any, config: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", parents=[config], help="LoRA-tune a student on generated (or any supported) data.")
     _flag(t, "--data", "train.data", metavar="PATH")
     _flag(t, "--student", "train.student", metavar="MODEL")
@@ -133,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threshold", type=float, default=0.7, help="Drop at or above this similarity.")
     d.set_defaults(func=cmd_dedup)
 
+
+def _data_commands(sub: Any, config: argparse.ArgumentParser) -> None:
     sh = sub.add_parser("show", help="Pretty-print a generate run's records (or rejected candidates).")
     sh.add_argument("run", metavar="RUN_DIR")
     sh.add_argument("--n", type=int, default=5, metavar="K", help="How many to show (default 5).")
@@ -173,8 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="Print a generate run's counts and diversity statistics.")
     st.add_argument("run", metavar="RUN_DIR")
     st.set_defaults(func=cmd_stats)
-    with_examples(sub)
-    return parser
 
 
 def _scorers(text: str) -> list[str]:

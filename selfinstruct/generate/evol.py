@@ -217,21 +217,9 @@ def step(run: Run, s: Step) -> None:
     s.counts["requests/evolve"] += len(requests)
     s.counts["candidates"] += len(requests)
 
-    cands: list[tuple[int, str, str, dict[str, Any]]] = []
-    outcomes: list[str] = []
     s.after("commit", s.k - 1)
     with run.lock:
-        for k, op, out in zip(range(start, end), ops, outs, strict=True):
-            c = out[0]
-            text = strip_echo(c.text)  # a chat teacher's "#Rewritten Prompt#:" before its rewrite is no rewrite
-            reason, extra = screen(run, slots[k], text, c.finish_reason == "length")
-            if reason:
-                s.reject([{"stage": "evol", "reason": reason, "operation": op, "evol_round": r + 1, "slot": k,
-                           "parent": slots[k].ids[-1], "instruction": text, **extra}])
-            else:
-                cands.append((k, op, text, extra))
-            outcomes.append(reason if c.text.strip() else "empty_reply")
-    s.alert("evolve", outcomes, [o[0].text for o in outs])
+        cands = screen_rewrites(run, s, r, start, end, ops, outs)
     rng = random.Random(f"{seed}-evol-{r}-{start}-answers")
     asks = [Request(run.prompts.render(T_EQUAL, first=slots[k].text, second=text), seeded(ecfg.equality_sampling, rng),
                     choices=EQUAL_CHOICES) for k, _, text, _ in cands]
@@ -251,6 +239,27 @@ def step(run: Run, s: Step) -> None:
         s.counts["evolved"] += len(s.records)
         st.round, st.pos = (r + 1, 0) if end >= len(slots) else (r, end)
         s.commit()
+
+
+def screen_rewrites(run: Run, s: Step, r: int, start: int, end: int, ops: list[str],
+                    outs: list[list[Completion]]) -> list[tuple[int, str, str, dict[str, Any]]]:
+    """Slots start..end's rewrites in round r, checked and screened against the pool (under the run's lock, after
+    the batch before committed); the kept ones (slot, operation, text, extra)."""
+    slots = run.state(EvolState).slots
+    cands: list[tuple[int, str, str, dict[str, Any]]] = []
+    outcomes: list[str] = []
+    for k, op, out in zip(range(start, end), ops, outs, strict=True):
+        c = out[0]
+        text = strip_echo(c.text)  # a chat teacher's "#Rewritten Prompt#:" before its rewrite is no rewrite
+        reason, extra = screen(run, slots[k], text, c.finish_reason == "length")
+        if reason:
+            s.reject([{"stage": "evol", "reason": reason, "operation": op, "evol_round": r + 1, "slot": k,
+                       "parent": slots[k].ids[-1], "instruction": text, **extra}])
+        else:
+            cands.append((k, op, text, extra))
+        outcomes.append(reason if c.text.strip() else "empty_reply")
+    s.alert("evolve", outcomes, [o[0].text for o in outs])
+    return cands
 
 
 def answered_candidate(ecfg: EvolConfig, text: str, judged: Completion,

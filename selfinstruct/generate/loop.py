@@ -189,13 +189,7 @@ def drive(run: Run, how: Recipe, show: Callable[[], None]) -> str:
     if run.stalled_requests >= run.cfg.generate.max_stalled_requests:
         return "stalled"
     if run.depth == 1:
-        while True:
-            how.step(run, Step(run, run.step))
-            show()
-            if run.ending == "restart":
-                run.stop_at, run.ending = NEVER, ""
-            elif run.ending:
-                return run.ending
+        return _one_at_a_time(run, how, show)
     unused = 0
     active: dict[int, tuple[Step, Future]] = {}
 
@@ -242,6 +236,16 @@ def drive(run: Run, how: Recipe, show: Callable[[], None]) -> str:
             drain()
             if unused:
                 run.counts["requests_unused"] += unused
+
+
+def _one_at_a_time(run: Run, how: Recipe, show: Callable[[], None]) -> str:
+    while True:
+        how.step(run, Step(run, run.step))
+        show()
+        if run.ending == "restart":
+            run.stop_at, run.ending = NEVER, ""
+        elif run.ending:
+            return run.ending
 
 
 def _worth(run: Run, how: Recipe) -> int:

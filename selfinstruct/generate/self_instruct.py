@@ -160,28 +160,51 @@ def step(run: Run, s: Step) -> None:
         exact = run.accepted_instructions + st.pending + sum(len(p[3]) for p in parsed) >= cfg.num_instructions
     if exact:
         s.after("commit", s.k - 1)
+    with s.ordered("screen"):
+        fresh = screen(run, s, parsed)
+        st.pending += len(fresh)
+
+    # 3-4. Classification or not, then instances; quality scores and decontamination.
+    tasks = instances(run, s, fresh, rng)
+    s.vet([c for *_, cands in tasks for c in cands])
+
+    # 5. Records, in step order (their ids, the machine demos of later steps, the target).
+    with s.ordered("commit"):
+        commit(run, s, tasks)
+        st.pending -= len(fresh)
+        st.committed(s.k, len(run.machine), lag)
+        s.commit()
+
+
+def screen(run: Run, s: Step, parsed: list) -> list[tuple[str, list[str], float]]:
+    """In the "screen" section: each parsed reply's instructions, a demo's copy, filtered, against the pool;
+    the kept ones (instruction, parent ids, ROUGE-L to the nearest)."""
     fresh: list[tuple[str, list[str], float]] = []
     outcomes, replies = [], []  # per reply: "" when it gave a new instruction, else why not
-    with s.ordered("screen"):
-        for par, shown, c, items, dropped in parsed:
-            s.reject([{"stage": "instruction", "reason": r, "instruction": t} for t, r in dropped])
-            reasons = [r for _, r in dropped]
-            kept_before = len(fresh)
-            for item in items:
-                s.counts["candidates"] += 1
-                ok, reason, extra = (False, "copies_demo", {}) if copies(item, shown) else run.screen(item, len(fresh))
-                if ok:
-                    fresh.append((item, par, extra["rouge_max"]))
-                else:
-                    reasons.append(reason)
-                    s.reject([{"stage": "instruction", "reason": reason, "instruction": item, **extra}])
-            outcomes.append("" if len(fresh) > kept_before else
-                            dominant(reasons) if c.text.strip() else "empty_reply")
-            replies.append(c.text)
-        st.pending += len(fresh)
+    for par, shown, c, items, dropped in parsed:
+        s.reject([{"stage": "instruction", "reason": r, "instruction": t} for t, r in dropped])
+        reasons = [r for _, r in dropped]
+        kept_before = len(fresh)
+        for item in items:
+            s.counts["candidates"] += 1
+            ok, reason, extra = (False, "copies_demo", {}) if copies(item, shown) else run.screen(item, len(fresh))
+            if ok:
+                fresh.append((item, par, extra["rouge_max"]))
+            else:
+                reasons.append(reason)
+                s.reject([{"stage": "instruction", "reason": reason, "instruction": item, **extra}])
+        outcomes.append("" if len(fresh) > kept_before else
+                        dominant(reasons) if c.text.strip() else "empty_reply")
+        replies.append(c.text)
     s.alert("instructions", outcomes, replies)
+    return fresh
 
-    # 3. Classification or not (decides output-first vs input-first instance generation).
+
+def instances(run: Run, s: Step, fresh: list[tuple[str, list[str], float]], rng: random.Random) -> list:
+    """Classification or not (output-first vs input-first instances), then the instances of each task. A
+    "classification" whose reply shows one class label was no classification (a weak teacher answers Yes to
+    most tasks): it is asked again, input-first."""
+    cfg = run.cfg.generate
     answers = s.ask(  # a choice of Yes / No where the backend can enforce one
         [Request(run.prompts.render(T_CLASSIFY, instruction=i), seeded(cfg.classify_sampling, rng), choices=YES_NO)
          for i, _, _ in fresh])
@@ -192,8 +215,6 @@ def step(run: Run, s: Step) -> None:
     is_clf = [bool(v) for v in verdicts]
     s.alert("classify", ["classify_unclear" if v is None else "" for v in verdicts], [a[0].text for a in answers])
 
-    # 4. Instances. A "classification" whose reply shows one class label was no classification (a weak teacher
-    # answers Yes to most tasks): it is asked again, input-first.
     inst_outs = s.ask(instance_requests(run, [i for i, _, _ in fresh], is_clf, rng))
     s.counts["requests/instances"] += len(fresh)
     redo = [k for k, clf in enumerate(is_clf) if clf and one_label(inst_outs[k][0].text)]
@@ -203,33 +224,31 @@ def step(run: Run, s: Step) -> None:
         s.counts["reclassified"] += len(redo)
         for k, out in zip(redo, again, strict=True):
             inst_outs[k], is_clf[k] = out, False
+    return instance_candidates(run, s, fresh, is_clf, inst_outs)
 
-    tasks = instance_candidates(run, s, fresh, is_clf, inst_outs)
-    s.vet([c for *_, cands in tasks for c in cands])
 
-    # 5. Records, in step order (their ids, the machine demos of later steps, the target).
+def commit(run: Run, s: Step, tasks: list) -> None:
+    """In the "commit" section: the records of each task whose instances survive (shared instances and vetted
+    reasons out), and the task into the machine demos."""
+    cfg = run.cfg.generate
     mode = choice_mode(run.teacher)
     t_instr = run.prompts.template_id(T_INSTRUCTIONS)
     templates = {clf: f"{t_instr}+{run.prompts.template_id(T_OUTPUT_FIRST if clf else T_INPUT_FIRST)}"
                  for clf in (False, True)}
     sampling = {"instruction": public(cfg.instruction_sampling), "instance": public(cfg.instance_sampling)}
-    with s.ordered("commit"):
-        for instr, par, score, clf, cands in tasks:
-            kept = [c for c in cands if s.admit(c, "instance")]  # shared instances and vetted reasons out
-            if not kept:
-                s.reject([{"stage": "task", "reason": "no_valid_instances", "instruction": instr, "in_pool": True}])
-                continue
-            for c in kept:
-                s.records.append(Record(
-                    id=run.next_id(), instruction=instr, input=c.input, output=c.output,
-                    method="self-instruct", round=run.round, parents=par, teacher=run.teacher.name,
-                    template=templates[clf], sampling=sampling,
-                    scores={"rouge_max": round(score, 4), "is_classification": clf, "classification_mode": mode,
-                            "list_format": cfg.list_format, **c.scores}))
-            run.machine.append((instr, s.records[-len(kept)].id))
-        st.pending -= len(fresh)
-        st.committed(s.k, len(run.machine), lag)
-        s.commit()
+    for instr, par, score, clf, cands in tasks:
+        kept = [c for c in cands if s.admit(c, "instance")]
+        if not kept:
+            s.reject([{"stage": "task", "reason": "no_valid_instances", "instruction": instr, "in_pool": True}])
+            continue
+        for c in kept:
+            s.records.append(Record(
+                id=run.next_id(), instruction=instr, input=c.input, output=c.output,
+                method="self-instruct", round=run.round, parents=par, teacher=run.teacher.name,
+                template=templates[clf], sampling=sampling,
+                scores={"rouge_max": round(score, 4), "is_classification": clf, "classification_mode": mode,
+                        "list_format": cfg.list_format, **c.scores}))
+        run.machine.append((instr, s.records[-len(kept)].id))
 
 
 def instance_requests(run: Run, instructions: list[str], is_clf: list[bool], rng: random.Random) -> list[Request]:

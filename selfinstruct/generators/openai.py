@@ -276,30 +276,36 @@ class OpenAIGenerator:
                     self.counts["failed_4xx"] += 1
                     raise UserError(f"teacher server {endpoint} rejected the request with HTTP {status}: {text[:300]}")
                 else:
-                    try:
-                        data = json.loads(text)
-                        out = self._parse(data, req, bool(body.get("continue_final_message")))
-                    except (ValueError, AttributeError, TypeError, RecursionError):  # RecursionError: deep nesting
-                        out = None
-                    usage = data.get("usage") if out is not None and isinstance(data, dict) else None
-                    if isinstance(usage, dict):  # tokens in and out, as the server counts them
-                        self.counts["tokens_in"] += self._tokens(usage.get("prompt_tokens"))
-                        self.counts["tokens_out"] += self._tokens(usage.get("completion_tokens"))
-                    if out is None:  # a 200 whose body is no completion: a misbehaving server, retried
-                        problem = f"{endpoint}: answered 200 with a body that is not a completion: {text[:200]}"
-                        self._failed(ep, "retried_bad_json")
-                    else:
-                        ep.failures = 0
-                        self.counts["ok"] += 1
-                        if 0 < len(out) < n:
-                            ep.ignores_n = True
+                    out = self._answered(ep, req, body, text, n)
+                    if out is not None:
                         return out
+                    problem = f"{endpoint}: answered 200 with a body that is not a completion: {text[:200]}"
             if attempt < self.cfg.max_retries:
                 backoff = min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
                 await asyncio.sleep(min(120.0, wait) if wait is not None else backoff)
         self.counts["failed"] += 1
         raise TeacherError(f"a teacher request failed {self.cfg.max_retries + 1} times; last: {problem}. "
                            "Accepted records are on disk: fix the server and re-run with --resume.")
+
+    def _answered(self, ep: Endpoint, req: Request, body: dict, text: str, n: int) -> list[Completion] | None:
+        """A 200's completions, with the server's token counts; None (counted, to retry) when the body is none."""
+        try:
+            data = json.loads(text)
+            out = self._parse(data, req, bool(body.get("continue_final_message")))
+        except (ValueError, AttributeError, TypeError, RecursionError):  # RecursionError: deep nesting
+            out = None
+        usage = data.get("usage") if out is not None and isinstance(data, dict) else None
+        if isinstance(usage, dict):  # tokens in and out, as the server counts them
+            self.counts["tokens_in"] += self._tokens(usage.get("prompt_tokens"))
+            self.counts["tokens_out"] += self._tokens(usage.get("completion_tokens"))
+        if out is None:  # a 200 whose body is no completion: a misbehaving server, retried
+            self._failed(ep, "retried_bad_json")
+            return None
+        ep.failures = 0
+        self.counts["ok"] += 1
+        if 0 < len(out) < n:
+            ep.ignores_n = True
+        return out
 
     def _failed(self, ep: Endpoint, what: str) -> None:
         self.counts[what] += 1
