@@ -79,7 +79,8 @@ _CLAUSE = re.compile(r"[,;:.!\n()]|\bthen\b")
 # "you need to write", "I want you to list": a request put as a sentence ("The aim is to compare" is not one).
 # "you need to write", "I want you to list", "your task is to summarise"; not "I'm going to make a cake" (a
 # 135M teacher's statement that passed when "I" and "we" counted as the one asked).
-_ASKED = re.compile(r"\b(?:you|your (?:task|job|goal))\b[^.,;:!?]{0,40}?\bto\s+([a-z]+)")
+# "you're able to perform" and "you've got to" say what someone is, not what to do (SmolLM2's statements passed).
+_ASKED = re.compile(r"\b(?:you(?!['\u2019](?:re|ve)\b)|your (?:task|job|goal))\b[^.,;:!?]{0,40}?\bto\s+([a-z]+)")
 # A task about the task, with nothing to do: "What is the task?", "What is the output of this example?" (a weak
 # teacher asks its prompt back). A text made of these words only, with no number, is no task. "Answer" is not
 # one of them: "Answer the given questions" is a task whose questions come in the input (Alpaca has it).

@@ -86,7 +86,8 @@ JUNK = ["John Smith, CEO of XYZ Corporation", "Elon Musk, CEO of Tesla Motors In
         "You can begin by setting a good example for yourself.",
         "Fifth, I will round up to the next whole number (to make it 6) and add it to the total weight.",
         # the prompt asked back: a task about the task, with nothing to do
-        "What is the task?", "What is the output of this example?", "Given the input, what is the output?"]
+        "What is the task?", "What is the output of this example?", "Given the input, what is the output?",
+        "It's important to fuel your body throughout the day so that you're able to perform at your best."]
 TASKS = ["Given a list of numbers, find the largest.", "What is the capital of France", "Is this sentence correct",
          "You need to write a creative opening scene for a horror movie.", "Briefly explain photosynthesis.",
          "Read the paragraph and then summarize it.", "Re-write the sentence in the passive voice.",
