@@ -19,6 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from selfinstruct.errors import UserError
 from selfinstruct.records import read_jsonl, write_atomic
 from selfinstruct.rundir import kind_of
@@ -114,9 +116,27 @@ def quality(rec: dict[str, Any]) -> str:
     return f" · quality {q:.2f}" if isinstance(q, (int, float)) else ""
 
 
+def unfinished_stats(run: Path, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run that has not finished (interrupted, killed, or still running) has no stats.json: its counts as of
+    the last checkpoint (state.json) and its target (config.yaml)."""
+    state = json.loads((run / "state.json").read_text(encoding="utf-8")) if (run / "state.json").exists() else {}
+    try:
+        cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    gen, teacher = cfg.get("generate") or {}, cfg.get("teacher") or {}
+    counts = state.get("counts", {})
+    return {"target_instructions": gen.get("num_instructions", "?"), "method": gen.get("method", ""),
+            "accepted_instructions": len({r.get("instruction") for r in records}), "accepted_records": len(records),
+            "rejected": state.get("reasons", {}), "teacher": teacher.get("model", ""),
+            "stopped": "not finished (no stats.json): counts as of the last checkpoint; --resume finishes it",
+            "requests": {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("requests/")}}
+
+
 def generate_section(run: Path, title: str, seed: int = 0) -> str:
-    stats = json.loads((run / "stats.json").read_text(encoding="utf-8")) if (run / "stats.json").exists() else {}
     records = read_jsonl(run / "generated.jsonl") if (run / "generated.jsonl").exists() else []
+    stats = json.loads((run / "stats.json").read_text(encoding="utf-8")) if (run / "stats.json").exists() \
+        else unfinished_stats(run, records)
     rejected = read_jsonl(run / "rejected.jsonl") if (run / "rejected.jsonl").exists() else []
     sample = random.Random(seed).sample(records, min(SAMPLE, len(records)))
     accepted = "".join(f"<details open><summary>{esc(r.get('id', ''))} · {esc(r.get('method', ''))}{quality(r)}"
@@ -155,7 +175,7 @@ def write_html_report(run: Path) -> Path:
     kind = kind_of(run)
     if kind == "run":
         body = rounds_section(run)
-    elif kind == "generate" or (run / "stats.json").exists():
+    elif kind == "generate" or (run / "stats.json").exists() or (run / "state.json").exists():
         body = generate_section(run, f"selfinstruct generate: {run.name}")
     else:
         raise UserError("not a generate run or a `selfinstruct run` directory", run)

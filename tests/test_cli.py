@@ -61,6 +61,14 @@ def test_generate_then_train(teacher_dir, random_model_dir, fast_config, tmp_pat
     r = cli("report", run)
     assert r.returncode == 0 and r.stdout.strip() == str(run / "report.html")
     assert_html_report(run / "report.html", ["Counts"])
+    (run / "stats.json").rename(run / "stats.bak")  # a run that did not finish: its checkpoint's counts
+    from selfinstruct.htmlreport import write_html_report
+
+    page = write_html_report(run).read_text()
+    state = json.loads((run / "state.json").read_text())
+    assert "not finished" in page and f"<td>{sum(state['reasons'].values())}</td>" in page
+    assert f"<td>{len(read_jsonl(run / 'generated.jsonl'))}</td>" in page
+    (run / "stats.bak").rename(run / "stats.json")
 
     r = cli("train", "--data", run, "--student", random_model_dir, "--config", fast_config)
     assert r.returncode == 0, r.stderr
