@@ -175,7 +175,7 @@ def write_html_report(run: Path) -> Path:
     kind = kind_of(run)
     if kind == "run":
         body = rounds_section(run)
-    elif kind == "generate" or (run / "stats.json").exists() or (run / "state.json").exists():
+    elif kind == "generate" or (run / "stats.json").exists():
         body = generate_section(run, f"selfinstruct generate: {run.name}")
     else:
         raise UserError("not a generate run or a `selfinstruct run` directory", run)
