@@ -1,6 +1,7 @@
 """The import graph: no cycle among the project's modules (imports inside functions count too), the layers
-point one way (cli -> rounds -> loop -> recipes -> run core -> filters / parse / dedup), and every module
-imports on its own in a fresh interpreter."""
+point one way (cli -> rounds -> loop -> scheduler and recipes -> run core -> filters / parse / dedup), the
+recipes know nothing of threads, locks or the scheduler, no module is over 400 lines and no function over 60,
+and every module imports on its own in a fresh interpreter."""
 
 import ast
 import subprocess
@@ -12,9 +13,12 @@ from conftest import ROOT
 PACKAGE = ROOT / "selfinstruct"
 RECIPES = {"selfinstruct.generate.self_instruct", "selfinstruct.generate.alpaca", "selfinstruct.generate.evol"}
 # What each layer must not import (directly or through anything it imports): the layers above it.
+SCHEDULER = "selfinstruct.generate.scheduler"
 ABOVE = {
-    "selfinstruct.generate.run": {"selfinstruct.generate.loop", *RECIPES, "selfinstruct.rounds", "selfinstruct.cli"},
-    **{r: {"selfinstruct.generate.loop", "selfinstruct.rounds", "selfinstruct.cli"} for r in RECIPES},
+    "selfinstruct.generate.run": {"selfinstruct.generate.loop", SCHEDULER, *RECIPES, "selfinstruct.rounds",
+                                  "selfinstruct.cli"},
+    SCHEDULER: {"selfinstruct.generate.loop", *RECIPES, "selfinstruct.rounds", "selfinstruct.cli"},
+    **{r: {"selfinstruct.generate.loop", SCHEDULER, "selfinstruct.rounds", "selfinstruct.cli"} for r in RECIPES},
     "selfinstruct.generate.loop": {"selfinstruct.rounds", "selfinstruct.cli"},
     "selfinstruct.rounds": {"selfinstruct.cli"},
     "selfinstruct.filters": {"selfinstruct.generate.run", *RECIPES, "selfinstruct.generate.loop"},
@@ -71,6 +75,29 @@ def test_layers_point_one_way():
     assert reachable(edges, "selfinstruct.generate.loop") >= RECIPES
     for module, forbidden in ABOVE.items():
         assert not reachable(edges, module) & forbidden, f"{module} reaches {reachable(edges, module) & forbidden}"
+
+
+def test_recipes_know_no_threads_or_locks():
+    """A recipe's prompt logic changes without touching a lock: only the scheduler orders steps."""
+    mods = modules()
+    for name in RECIPES:
+        imported = {a.name for n in ast.walk(mods[name]) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in ast.walk(mods[name]) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"threading", "concurrent.futures", "asyncio", SCHEDULER}, (name, imported)
+        attributes = {n.attr for n in ast.walk(mods[name]) if isinstance(n, ast.Attribute)}
+        assert not attributes & {"lock", "after", "ordered", "wait", "acquire"}, (name, attributes)
+
+
+def test_no_module_over_400_lines_and_no_function_over_60():
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 400:
+            too_long.append((path.name, text.count("\n")))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
+                too_long.append((f"{path.name}:{node.name}", node.end_lineno - node.lineno + 1))
+    assert too_long == []
 
 
 def test_every_module_imports_alone():

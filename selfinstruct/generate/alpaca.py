@@ -1,6 +1,6 @@
 """Alpaca-style generation (Taori et al., 2023; tatsu-lab/stanford_alpaca), one step at a time.
 
-    step(run, s)   # step s.k, called by loop.generate (several in flight) until the target is reached
+    STAGES         # one step as plain functions (run.Stages); scheduler.py runs several steps at once
 
 A step: `request_batch_size` prompts, each showing 3 seed tasks (instruction, input, output;
 drawn with a seeded RNG from the seeds only, as the original does) and asking for 20 tasks; the
@@ -14,15 +14,16 @@ instance requests.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass, field
 
 from selfinstruct.copies import copies, instance_copy
 from selfinstruct.filters import check_instance, check_instruction
 from selfinstruct.generate.alerts import dominant
 from selfinstruct.generate.parse import parse_alpaca, parse_alpaca_json, tasks_schema
-from selfinstruct.generate.run import Run, Step, public
+from selfinstruct.generate.run import Ask, Run, Stages, Step, public
 from selfinstruct.generate.self_instruct import demo_text, list_request
 from selfinstruct.generate.vetting import Candidate
-from selfinstruct.generators import Request
+from selfinstruct.generators import Completion, Request
 from selfinstruct.records import Record
 from selfinstruct.seeds import Instance, SeedTask
 
@@ -65,49 +66,62 @@ def screen_cheaply(run: Run, shown: list[SeedTask], instruction: str, inst: Inst
     return c
 
 
-def step(run: Run, s: Step) -> None:
-    """Step s.k: its requests depend on the seeds only, so any number of steps are in flight at once; the
-    replies are screened and become records in step order."""
-    acfg = run.cfg.generate.alpaca
-    n_demos = min(acfg.num_prompt_instructions, len(run.seeds))
-    requests, shown = task_requests(run, s.k)
-    outs = s.ask(requests)
-    s.counts["requests/tasks"] += len(requests)
-    s.stall = len(requests)
+@dataclass
+class Work:
+    """One step's work: its requests (their requests depend on the seeds only, so any number of steps are in
+    flight at once), then each reply's candidates."""
 
+    requests: list[Request]
+    shown: list[list[SeedTask]]  # each request's demos
+    parsed: list = field(default_factory=list)  # per reply: (parent ids, reply, candidates, unparsed items)
+
+
+def prepare(run: Run, s: Step) -> Work:
+    return Work(*task_requests(run, s.k))
+
+
+def take(run: Run, s: Step, w: Work, outs: list[list[Completion]]) -> None:
+    """Each reply parsed into tasks, each task through the checks that need neither the pool nor the order."""
+    n_demos = min(run.cfg.generate.alpaca.num_prompt_instructions, len(run.seeds))
+    s.counts["requests/tasks"] += len(w.requests)
+    s.stall = len(w.requests)
     json_mode = run.cfg.generate.list_format == "json"
-    parsed = []
-    for completions, demos in zip(outs, shown, strict=True):
+    for completions, demos in zip(outs, w.shown, strict=True):
         for c in completions:
             tasks, dropped = (parse_alpaca_json(c.text, c.finish_reason == "length") if json_mode else
                               parse_alpaca(c.text, n_demos + 1, c.finish_reason == "length"))
             cands = [screen_cheaply(run, demos, i, inst) for i, inst in tasks]
-            parsed.append(([t.id for t in demos], c, cands, dropped))
-    s.vet([c for *_, cands, _ in parsed for c in cands if not c.reason])
+            w.parsed.append(([t.id for t in demos], c, cands, dropped))
 
-    template, sampling = run.prompts.template_id(T_ALPACA), {"task": public(acfg.sampling)}
+
+def expand(run: Run, s: Step, w: Work, ask: Ask) -> list[Candidate]:
+    """No more requests: the candidates that passed the cheap checks go to the quality gate."""
+    return [c for *_, cands, _ in w.parsed for c in cands if not c.reason]
+
+
+def commit(run: Run, s: Step, w: Work) -> None:
+    """In step order: the pool, the target cap and shared instances decide; the survivors become records."""
+    template, sampling = run.prompts.template_id(T_ALPACA), {"task": public(run.cfg.generate.alpaca.sampling)}
     outcomes, replies = [], []  # per reply: "" when it gave a record, else why not
-    with s.ordered("commit"):
-        for par, c, cands, dropped in parsed:
-            s.reject([{"stage": "task", "reason": r, "raw": t[:2000]} for t, r in dropped])
-            reasons, kept_before = [r for _, r in dropped], len(s.records)
-            for cand in cands:
-                s.counts["candidates"] += 1
-                if not accept(run, s, cand):
-                    reasons.append(cand.reason)
-                    continue
-                s.records.append(Record(
-                    id=run.next_id(), instruction=cand.instruction, input=cand.input, output=cand.output,
-                    method="alpaca", round=run.round, parents=par, teacher=run.teacher.name,
-                    template=template, sampling=sampling,
-                    scores={"list_format": run.cfg.generate.list_format, **cand.scores}))
-            failed = dominant(reasons) if c.text.strip() else "empty_reply"
-            outcomes.append("" if len(s.records) > kept_before else failed)
-            replies.append(c.text)
-        s.alert("tasks", outcomes, replies)
-        for r in s.records:
-            run.machine.append((r.instruction, r.id))
-        s.commit()
+    for par, c, cands, dropped in w.parsed:
+        s.reject([{"stage": "task", "reason": r, "raw": t[:2000]} for t, r in dropped])
+        reasons, kept_before = [r for _, r in dropped], len(s.records)
+        for cand in cands:
+            s.counts["candidates"] += 1
+            if not accept(run, s, cand):
+                reasons.append(cand.reason)
+                continue
+            s.records.append(Record(
+                id=run.next_id(), instruction=cand.instruction, input=cand.input, output=cand.output,
+                method="alpaca", round=run.round, parents=par, teacher=run.teacher.name,
+                template=template, sampling=sampling,
+                scores={"list_format": run.cfg.generate.list_format, **cand.scores}))
+        failed = dominant(reasons) if c.text.strip() else "empty_reply"
+        outcomes.append("" if len(s.records) > kept_before else failed)
+        replies.append(c.text)
+    s.alert("tasks", outcomes, replies)
+    for r in s.records:
+        run.machine.append((r.instruction, r.id))
 
 
 def accept(run: Run, s: Step, cand: Candidate) -> bool:
@@ -121,4 +135,8 @@ def accept(run: Run, s: Step, cand: Candidate) -> bool:
         s.reject([cand.rejection("task", **extra)])
         return False
     cand.scores["rouge_max"] = extra["rouge_max"]
-    return s.admit(cand, "task", in_pool=True)  # a shared instance: its instruction stays in the pool
+    return s.admit(run, cand, "task", in_pool=True)  # a shared instance: its instruction stays in the pool
+
+
+STAGES: Stages[Work] = Stages(prepare=prepare, requests=lambda w: w.requests, take=take, commit=commit,
+                              expand=expand)

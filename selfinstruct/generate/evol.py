@@ -1,15 +1,14 @@
 """Evol-Instruct (Xu et al., 2023, arXiv 2304.12244): in-depth and in-breadth evolution over M
 rounds, with all four of the paper's elimination rules.
 
-    step(run, s)   # step s.k: one batch of one evolution round; loop.generate runs several at once
+    STAGES         # one step, one batch of one evolution round, as plain functions (run.Stages)
 
 Its state (EvolState, state.json's "evol"): the phase ("breadth": self-instruct+evol still running
 Self-Instruct; "evolve"), the round and the next slot. The lineages (slots) are built once, on
 entering the evolve phase (or on resuming in it), from the inputs and the evolutions already accepted.
 
-Inputs: every distinct instruction of --seeds (any seed format, or a generate run's accepted
-records), or, for self-instruct+evol, the instructions the Self-Instruct phase accepted. An input
-with an Alpaca-style `input` is evolved as one text (instruction, blank line, input).
+Inputs: every distinct instruction of --seeds (any seed format, or a generate run's records), or, for
+self-instruct+evol, what its Self-Instruct phase accepted; an Alpaca `input` is evolved with its instruction.
 
 Each input owns a slot whose head is the newest instruction of its lineage. In every round each
 slot gets one operation, drawn from `evol.weights` with an RNG seeded by (run seed, round, slot),
@@ -32,6 +31,7 @@ judgement counts as "Not Equal" (counted as equality_unclear).
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +43,7 @@ from selfinstruct.dedup import normalise
 from selfinstruct.filters import check_evolved_response, copies_prompt_words
 from selfinstruct.generate import self_instruct
 from selfinstruct.generate.parse import parse_equal, strip_echo
-from selfinstruct.generate.run import Run, Step, public, records_of_run, seeded
+from selfinstruct.generate.run import NEVER, Ask, Run, Stages, Step, public, records_of_run, seeded
 from selfinstruct.generate.vetting import Candidate
 from selfinstruct.generators import Completion, Request
 from selfinstruct.generators.base import choice_mode
@@ -190,55 +190,100 @@ def batches(run: Run, n_slots: int) -> int:
     return -(-n_slots // run.cfg.generate.evol.batch_size)
 
 
-def step(run: Run, s: Step) -> None:
-    """Step s.k evolves one batch of one round. Its rewrites need only its own slots' previous round, so
-    the rewrites of many batches (and of the next round) are in flight at once; its cheap checks and
-    ROUGE-L screening wait for the batch before it to commit (whose eliminations leave the pool), so every
-    step sees the pool the step-by-step order would."""
-    ecfg, seed = run.cfg.generate.evol, run.cfg.generate.seed
-    st = run.state(EvolState)
-    slots = st.slots
+@dataclass
+class Work:
+    """One step's work: batch [start, end) of round r (no slots at all: nothing to evolve), then what each stage
+    made of it."""
+
+    requests: list[Request] = field(default_factory=list)
+    r: int = 0  # the round, and the batch's slots [start, end)
+    start: int = 0
+    end: int = 0
+    ops: list[str] = field(default_factory=list)
+    system: str = ""
+    outs: list[list[Completion]] = field(default_factory=list)
+    cands: list[tuple[int, str, str, dict[str, Any]]] = field(default_factory=list)  # screened rewrites
+    results: list[tuple[bool | None, Candidate]] = field(default_factory=list)  # rule 1's verdict, the candidate
+    judgements: list[list[Completion]] = field(default_factory=list)
+    responses: list[list[Completion]] = field(default_factory=list)
+
+
+def round_and_batch(run: Run, k: int) -> tuple[int, int]:
+    st = run.state(EvolState)  # step k evolves batch b of round r
+    return divmod(k - st.first_step, batches(run, len(st.slots)))
+
+
+def reads(run: Run, k: int) -> float:
+    """A batch's rewrites need only its own slots' previous round, so the rewrites of many batches (and of the
+    next round) are in flight at once. A step past the last round waits to be cancelled (NEVER)."""
+    slots = run.state(EvolState).slots
     if not slots:
-        with s.ordered("commit"):
-            st.round = ecfg.rounds
-            s.commit()
-        return
-    n_batches = batches(run, len(slots))
-    r, b = divmod(s.k - st.first_step, n_batches)
-    if r >= ecfg.rounds:  # past the last round: wait, to be cancelled when the last batch commits
-        s.after("commit", s.k)
-    start = b * ecfg.batch_size
-    end = min(start + ecfg.batch_size, len(slots))
-    s.after("commit", s.k - n_batches)  # these slots' heads after the previous round
+        return -math.inf
+    return NEVER if round_and_batch(run, k)[0] >= run.cfg.generate.evol.rounds else k - batches(run, len(slots))
+
+
+def prepare(run: Run, s: Step) -> Work:
+    """1. The rewrite requests of this step's batch, from its slots' heads after the previous round."""
+    slots = run.state(EvolState).slots
+    if not slots:
+        return Work()
+    bs = run.cfg.generate.evol.batch_size
+    r, b = round_and_batch(run, s.k)
+    start, end = b * bs, min(b * bs + bs, len(slots))
     system = run.prompts.render(T_SYSTEM).strip()
-    with run.lock:
-        requests, ops = rewrite_requests(run, slots, r, start, end, system)
-    outs = s.ask(requests)
-    s.counts["requests/evolve"] += len(requests)
-    s.counts["candidates"] += len(requests)
+    requests, ops = rewrite_requests(run, slots, r, start, end, system)
+    return Work(requests, r, start, end, ops, system)
 
-    s.after("commit", s.k - 1)
-    with run.lock:
-        cands = screen_rewrites(run, s, r, start, end, ops, outs)
-    rng = random.Random(f"{seed}-evol-{r}-{start}-answers")
+
+def take(run: Run, s: Step, w: Work, outs: list[list[Completion]]) -> None:
+    if not w.requests:  # no slots: nothing was asked
+        return
+    s.counts["requests/evolve"] += len(w.requests)
+    s.counts["candidates"] += len(w.requests)
+    w.outs = outs
+
+
+def screen_after(run: Run, s: Step, w: Work) -> float:
+    return s.k - 1  # the batch before has committed: its eliminations left the pool, as step by step
+
+
+def screen_step(run: Run, s: Step, w: Work) -> None:
+    """2. The cheap checks and ROUGE-L."""
+    if w.requests:
+        w.cands = screen_rewrites(run, s, w.r, w.start, w.end, w.ops, w.outs)
+
+
+def expand(run: Run, s: Step, w: Work, ask: Ask) -> list[Candidate]:
+    """3-4. One teacher call for all survivors (rule 1's Equal / Not Equal, the response); rules 1-3."""
+    ecfg, slots = run.cfg.generate.evol, run.state(EvolState).slots
+    if not w.requests:
+        return []
+    rng = random.Random(f"{run.cfg.generate.seed}-evol-{w.r}-{w.start}-answers")
     asks = [Request(run.prompts.render(T_EQUAL, first=slots[k].text, second=text), seeded(ecfg.equality_sampling, rng),
-                    choices=EQUAL_CHOICES) for k, _, text, _ in cands]
+                    choices=EQUAL_CHOICES) for k, _, text, _ in w.cands]
     asks += [Request(run.prompts.render(T_RESPONSE, instruction=text), seeded(ecfg.response_sampling, rng),
-                     system=system) for _, _, text, _ in cands]
-    answers = s.ask(asks)
-    s.counts["requests/equality"] += len(cands)
-    s.counts["requests/response"] += len(cands)
+                     system=w.system) for _, _, text, _ in w.cands]
+    answers = ask(asks)
+    n = len(w.cands)
+    s.counts["requests/equality"] += n
+    s.counts["requests/response"] += n
+    w.judgements, w.responses = answers[:n], answers[n:]
+    w.results = [answered_candidate(ecfg, text, judged[0], resp[0])
+                 for (_, _, text, _), judged, resp in zip(w.cands, w.judgements, w.responses, strict=True)]
+    s.counts["equality_unclear"] += sum(equal is None for equal, _ in w.results)
+    return [c for _, c in w.results if not c.reason]
 
-    results = [answered_candidate(ecfg, text, judged[0], resp[0])
-               for (_, _, text, _), judged, resp in zip(cands, answers[:len(cands)], answers[len(cands):], strict=True)]
-    s.counts["equality_unclear"] += sum(equal is None for equal, _ in results)
-    s.vet([c for _, c in results if not c.reason])
-    with s.ordered("commit"):
-        answered = commit_evolutions(run, s, r, cands, results, answers[:len(cands)])
-        s.alert("respond", answered, [a[0].text for a in answers[len(cands):]])
-        s.counts["evolved"] += len(s.records)
-        st.round, st.pos = (r + 1, 0) if end >= len(slots) else (r, end)
-        s.commit()
+
+def commit(run: Run, s: Step, w: Work) -> None:
+    """5. In step order: records, new slot heads, the round's progress."""
+    st = run.state(EvolState)
+    if not st.slots:
+        st.round = run.cfg.generate.evol.rounds
+        return
+    answered = commit_evolutions(run, s, w.r, w.cands, w.results, w.judgements)
+    s.alert("respond", answered, [a[0].text for a in w.responses])
+    s.counts["evolved"] += len(s.records)
+    st.round, st.pos = (w.r + 1, 0) if w.end >= len(st.slots) else (w.r, w.end)
 
 
 def screen_rewrites(run: Run, s: Step, r: int, start: int, end: int, ops: list[str],
@@ -288,7 +333,7 @@ def commit_evolutions(run: Run, s: Step, r: int, cands: list[tuple[int, str, str
     answered = []
     for (k, op, text, extra), (equal, c), judged in zip(cands, results, judgements, strict=True):
         slot = slots[k]
-        if not s.admit(c, "evol", operation=op, evol_round=r + 1, slot=k, parent=slot.ids[-1],
+        if not s.admit(run, c, "evol", operation=op, evol_round=r + 1, slot=k, parent=slot.ids[-1],
                        judgement=judged[0].text[:200]):
             run.pool.retire(extra["pool_index"])
             answered.append(c.reason)
@@ -326,20 +371,24 @@ def progress(run: Run) -> tuple[str, int, int]:
     return "evolutions", st.round * n + st.pos, run.cfg.generate.evol.rounds * n
 
 
-def combined_step(run: Run, s: Step) -> None:
+STAGES: Stages[Work] = Stages(prepare=prepare, requests=lambda w: w.requests, take=take, commit=commit,
+                              reads=reads, screen=screen_step, screen_after=screen_after, expand=expand)
+
+
+def combined_stages(run: Run) -> Stages:
     """self-instruct+evol: Self-Instruct until num_instructions are accepted, then evolve them. The step
     that reaches the target enters the evolve phase as it commits, and the steps after it start afresh."""
-    if run.state(EvolState).phase == "evolve":
-        step(run, s)
-        return
-    s.on_commit.append(lambda: _maybe_enter(run, s))
-    self_instruct.step(run, s)
+    return STAGES if run.state(EvolState).phase == "evolve" else BREADTH
 
 
-def _maybe_enter(run: Run, s: Step) -> None:
+def _maybe_enter(run: Run, s: Step) -> bool:
     if run.target_reached:
         enter(run, breadth_tasks(run))
-        run.stop(s.k, "restart")
+        return True
+    return False
+
+
+BREADTH = self_instruct.with_committed(_maybe_enter)
 
 
 def stats(run: Run, records: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> dict[str, Any]:

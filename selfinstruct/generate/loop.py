@@ -15,7 +15,6 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,8 @@ from selfinstruct.configfile import dump_yaml
 from selfinstruct.errors import StalledError, StorageError
 from selfinstruct.generate import alpaca, evol, self_instruct
 from selfinstruct.generate.checkpoint import check_run_dir, default_run_dir, pool_tasks, pool_texts, verify_checkpoint
-from selfinstruct.generate.run import (
-    NEVER,
-    Cancelled,
-    InFlight,
-    Run,
-    Step,
-    records_of_run,
-    restore,
-)
+from selfinstruct.generate.run import Run, Stages, records_of_run, restore
+from selfinstruct.generate.scheduler import Scheduler, drive
 from selfinstruct.generate.vetting import apply_journal, make_gate, select_top
 from selfinstruct.generators import make_generator
 from selfinstruct.generators.base import choice_mode
@@ -70,11 +62,12 @@ def _worth_for_target(run: Run) -> int:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A method: how it advances one step, when it is done, what its progress bar shows, the templates it
-    renders (with sample variables, checked at start-up), how it reads --seeds, what it does once the run's
-    files are restored, and its own sections of stats.json. `has_target`: num_instructions bounds it."""
+    """A method: its next step's stages (run.Stages: a method may change phase), when it is done, what its
+    progress bar shows, the templates it renders (with sample variables, checked at start-up), how it reads
+    --seeds, what it does once the run's files are restored, and its own sections of stats.json.
+    `has_target`: num_instructions bounds it."""
 
-    step: Callable[[Run, Step], None]
+    stages: Callable[[Run], Stages]
     done: Callable[[Run], bool]
     progress: Callable[[Run], tuple[str, int, int]]
     templates: dict[str, dict[str, Any]]
@@ -86,12 +79,13 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "self-instruct": Recipe(self_instruct.step, _target_reached, _instructions, self_instruct.TEMPLATES,
-                            worth=_worth_for_target),
-    "alpaca": Recipe(alpaca.step, _target_reached, _instructions, alpaca.TEMPLATES, worth=_worth_for_target),
-    "evol": Recipe(evol.step, evol.done, evol.progress, evol.TEMPLATES, inputs=evol.input_tasks, start=evol.start,
-                   stats=evol.stats, has_target=False),
-    "self-instruct+evol": Recipe(evol.combined_step, evol.done, evol.progress,
+    "self-instruct": Recipe(lambda run: self_instruct.STAGES, _target_reached, _instructions,
+                            self_instruct.TEMPLATES, worth=_worth_for_target),
+    "alpaca": Recipe(lambda run: alpaca.STAGES, _target_reached, _instructions, alpaca.TEMPLATES,
+                     worth=_worth_for_target),
+    "evol": Recipe(lambda run: evol.STAGES, evol.done, evol.progress, evol.TEMPLATES, inputs=evol.input_tasks,
+                   start=evol.start, stats=evol.stats, has_target=False),
+    "self-instruct+evol": Recipe(evol.combined_stages, evol.done, evol.progress,
                                  {**self_instruct.TEMPLATES, **evol.TEMPLATES}, start=evol.start_combined,
                                  stats=evol.stats,
                                  worth=lambda run: run.depth if evol.evolving(run) else _worth_for_target(run)),
@@ -142,9 +136,8 @@ def generate(run: Run) -> Path:
     restore(run)
     how.start(run)
     run.open()
-    run.is_done = how.done
     run.depth = gcfg.steps_in_flight if run.teacher.concurrent else 1
-    run.in_flight = InFlight(gcfg.max_in_flight)
+    sch = Scheduler(run, how.stages, how.done, how.worth, gcfg.max_in_flight)
     run.resumed_at, run.resumed_accepted = run.step, run.accepted_instructions
     started = time.monotonic()
     try:
@@ -159,7 +152,7 @@ def generate(run: Run) -> Path:
                 bar.update(task, description=what, completed=completed, total=total,
                            info=f"{run.n_records} records · {sum(run.reasons.values())} rejected{alert}")
 
-            stopped = "done" if run.selected else drive(run, how, show)  # a selected run is finished
+            stopped = "done" if run.selected else drive(sch, show)  # a selected run is finished
     except OSError as e:  # the disk, not the input: what was checkpointed is safe
         raise StorageError(f"cannot write {e.filename or run.dir}: {e.strerror or e}. Everything accepted up "
                            "to the last completed step is on disk; free space (or fix permissions) and run the "
@@ -176,88 +169,6 @@ def generate(run: Run) -> Path:
     if stopped == "stalled":
         raise stalled(run, stats)
     return run.dir
-
-
-def drive(run: Run, how: Recipe, show: Callable[[], None]) -> str:
-    """Run steps until the method is done ("done") or the teacher stalls ("stalled"). Up to `run.depth`
-    steps are in flight, each in a worker thread; they commit in step order (Step.commit), and a step
-    past the end (or begun before a change of phase) is cancelled. Requests such steps had sent are
-    counted as `requests_unused` (their answers are in the response cache). One step in flight runs in
-    this thread: the step-by-step order of a backend that answers one batch at a time."""
-    if how.done(run):
-        return "done"
-    if run.stalled_requests >= run.cfg.generate.max_stalled_requests:
-        return "stalled"
-    if run.depth == 1:
-        return _one_at_a_time(run, how, show)
-    unused = 0
-    active: dict[int, tuple[Step, Future]] = {}
-
-    def drain() -> None:  # every step still in flight ends (cancelled) before the run moves on
-        nonlocal unused
-        for s, fut in active.values():
-            with contextlib.suppress(Exception):  # a step after the end may fail: it no longer matters
-                fut.result()
-            unused += s.asked
-        active.clear()
-
-    with ThreadPoolExecutor(run.depth, thread_name_prefix="step") as pool:
-        k = run.step
-        try:
-            while True:
-                while len(active) < min(run.depth, _worth(run, how)) and k <= run.stop_at:
-                    s = Step(run, k)
-                    active[k] = (s, pool.submit(how.step, run, s))
-                    k += 1
-                if not active:  # nothing left to run (every step after the end was dropped)
-                    return run.ending or "done"
-                oldest = min(active)
-                s, fut = active.pop(oldest)
-                error = _outcome(fut)
-                if isinstance(error, Cancelled):
-                    unused += s.asked
-                    continue
-                if error is not None:
-                    raise error
-                show()
-                if run.ending == "restart":  # the phase changed at `oldest`: later steps start afresh
-                    drain()
-                    with run.lock:
-                        run.passed = {g: min(j, oldest) for g, j in run.passed.items()}
-                        run.stop_at, run.ending = NEVER, ""
-                    k = run.step
-                elif run.ending:
-                    return run.ending
-        except BaseException:
-            with run.lock:
-                run.stop(run.step - 1, "error")  # nothing after the last commit goes on
-            raise
-        finally:
-            drain()
-            if unused:
-                run.counts["requests_unused"] += unused
-
-
-def _one_at_a_time(run: Run, how: Recipe, show: Callable[[], None]) -> str:
-    while True:
-        how.step(run, Step(run, run.step))
-        show()
-        if run.ending == "restart":
-            run.stop_at, run.ending = NEVER, ""
-        elif run.ending:
-            return run.ending
-
-
-def _worth(run: Run, how: Recipe) -> int:
-    with run.lock:
-        return how.worth(run)
-
-
-def _outcome(fut: Future) -> BaseException | None:
-    """Wait for a step (waking twice a second, so Ctrl-C is felt at once); its exception, if any."""
-    while True:
-        with contextlib.suppress(TimeoutError):
-            return fut.exception(timeout=0.5)
 
 
 def stalled(run: Run, stats: dict[str, Any]) -> StalledError:

@@ -1,18 +1,14 @@
-"""The run core: a generate run's directory, its durable appends and counters, the ROUGE-L pool, screening
-and checkpointing. It knows no recipe; each recipe keeps its own state in a small dataclass that it
-serialises itself under its own key of state.json ("recipes": {KEY: ...}).
+"""A generate run's state: its directory, durable appends, counters, the ROUGE-L pool, screening and
+checkpointing; a step's buffered effects (Step); and what a recipe's step is (Stages). It knows no recipe
+and no thread: each recipe keeps its own state in a small dataclass that it serialises itself under its own
+key of state.json ("recipes": {KEY: ...}); scheduler.py runs the steps, several at once, in order.
 
     run = Run(dir=out, cfg=cfg, teacher=gen, seeds=seeds)
     restore(run)                 # cut what a crash left past the checkpoint; counters, pool, recipe states
     run.open()
-    step = Step(run, k)          # a recipe's step k, in a worker thread (loop.generate runs several at once):
-    outs = step.ask(requests)                 # the teacher, within generate.max_in_flight, no lock held
-    step.after("commit", k - 2)               # wait until step k-2 has committed
-    with step.ordered("screen"): ...          # steps pass this section in step order, under the run's lock
-    with step.ordered("commit"): ...; step.commit()   # records, rejections, counters, state.json, in order
-
-Every read or write of shared state happens in an ordered section, so what a run accepts depends on
-its seed and config, never on timing; a step past the run's end raises Cancelled and leaves no trace.
+    s = Step(k)                  # step k's effects: counts, rejections, records, alerts, buffered
+    ...                          # a recipe's Stages fill it (scheduler.py calls them)
+    s.apply(run); run.checkpoint()          # in step order: rows appended (fsync), counters, state.json
 
 Layout of a run directory:
     config.yaml       the resolved config          generated.jsonl   accepted records (append + fsync)
@@ -23,17 +19,14 @@ Layout of a run directory:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
-import threading
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from selfinstruct.config import Config, Sampling
 from selfinstruct.copies import InstanceIndex
@@ -50,7 +43,6 @@ from selfinstruct.records import (
     read_jsonl,
     write_json,
 )
-from selfinstruct.scoring import QUESTIONS
 from selfinstruct.seeds import SeedTask
 
 
@@ -66,33 +58,7 @@ class RecipeState(Protocol):
 
 
 S = TypeVar("S", bound=RecipeState)
-NEVER = math.inf
-
-
-class Cancelled(Exception):
-    """A step past the run's end, or started before a change of phase: its work is dropped, nothing written."""
-
-
-class InFlight:
-    """At most `limit` requests outstanding at once; `peak` is the most there ever were."""
-
-    def __init__(self, limit: int):
-        self.limit, self.n, self.peak = limit, 0, 0
-        self.cv = threading.Condition()
-
-    def acquire(self, n: int, cancelled: Callable[[], bool]) -> None:
-        with self.cv:
-            while self.n + n > self.limit:
-                if cancelled():
-                    raise Cancelled
-                self.cv.wait(0.5)
-            self.n += n
-            self.peak = max(self.peak, self.n)
-
-    def release(self, n: int) -> None:
-        with self.cv:
-            self.n -= n
-            self.cv.notify_all()
+NEVER = math.inf  # a step that must never run (Stages.reads): it waits to be cancelled
 
 
 @dataclass
@@ -122,17 +88,9 @@ class Run:
     last_alert: str = ""
     states: dict[str, RecipeState] = field(default_factory=dict)  # by KEY, made on first use
     saved: dict[str, dict[str, Any]] = field(default_factory=dict)  # state.json's recipe states, not yet loaded
-    # Steps in flight (loop.generate): the run's lock guards everything above; `passed[gate]` is the last
-    # step through an ordered section; steps after `stop_at` are cancelled; `ending` says why it was set.
-    lock: threading.Condition = field(default_factory=threading.Condition)
-    passed: dict[str, int] = field(default_factory=dict)
-    stop_at: float = NEVER
-    ending: str = ""  # "done", "stalled" or "restart" (a recipe changed phase: later steps start afresh)
-    is_done: Callable[[Run], bool] = lambda run: False  # the method's done(), checked after every commit
-    depth: int = 1  # steps in flight (loop.generate)
-    resumed_at: int = 0  # the first step this process runs: every gate counts the steps before it as passed
+    depth: int = 1  # steps in flight (set by the scheduler; Self-Instruct's demos lag behind it)
+    resumed_at: int = 0  # the first step this process runs
     resumed_accepted: int = 0  # accepted instructions when this process began
-    in_flight: InFlight | None = None
     _accepted: JsonlAppender | None = None
     _rejected: JsonlAppender | None = None
 
@@ -151,11 +109,6 @@ class Run:
         for f in (self._accepted, self._rejected):
             if f is not None:
                 f.close()
-
-    def stop(self, k: int, why: str) -> None:
-        """Steps after k will not commit (under the lock): the run is done, stalled, or restarts after k."""
-        self.stop_at, self.ending = k, why
-        self.lock.notify_all()
 
     def next_id(self) -> str:
         self.n_records += 1
@@ -203,85 +156,26 @@ class Run:
 
 
 class Step:
-    """Step k of a run, as a recipe runs it in a worker thread: its buffered effects (counts, rejections,
-    records, alerts), applied to the run only by `commit`, in step order."""
+    """Step k's buffered effects (counts, rejections, records, alerts): the recipe's stages fill them, and
+    `apply` writes them to the run, in step order."""
 
-    def __init__(self, run: Run, k: int):
-        self.run, self.k = run, k
+    def __init__(self, k: int):
+        self.k = k
         self.counts: Counter = Counter()
         self.rejected: list[dict[str, Any]] = []
         self.records: list[Record] = []
         self.alerts: list[tuple[str, str, int, list[str]]] = []
         self.stall: int | None = None  # requests that count towards a stall when the step accepts nothing
-        self.asked = 0  # requests sent (a cancelled step's are counted as unused)
-        self.on_commit: list[Callable[[], None]] = []  # run in commit, after the rows are written
 
-    def cancelled(self) -> bool:
-        return self.k > self.run.stop_at
-
-    def after(self, gate: str, j: int) -> None:
-        """Wait until step j has passed `gate` (at once for a step before this process's first)."""
-        run = self.run
-        with run.lock:
-            while run.passed.get(gate, run.resumed_at - 1) < j and not self.cancelled():
-                run.lock.wait(0.5)
-            if self.cancelled():
-                raise Cancelled
-
-    @contextlib.contextmanager
-    def ordered(self, gate: str) -> Iterator[None]:
-        """A section that steps pass one at a time, in step order, holding the run's lock."""
-        run = self.run
-        with run.lock:
-            while run.passed.get(gate, run.resumed_at - 1) < self.k - 1 and not self.cancelled():
-                run.lock.wait(0.5)
-            if self.cancelled():
-                raise Cancelled
-            yield
-            run.passed[gate] = self.k
-            run.lock.notify_all()
-
-    def ask(self, requests: list[Request]) -> list[list[Completion]]:
-        """The teacher's answers, never more than generate.max_in_flight requests outstanding across the run."""
-        limit = self.run.in_flight
-        if limit is None or not requests:
-            self.asked += len(requests)
-            return self.run.teacher.generate(requests) if requests else []
-        futures = []
-        for i in range(0, len(requests), limit.limit):
-            chunk = requests[i:i + limit.limit]
-            limit.acquire(len(chunk), self.cancelled)
-            self.asked += len(chunk)
-            fut = self.run.teacher.submit(chunk)
-            fut.add_done_callback(_releaser(limit, len(chunk)))
-            futures.append(fut)
-        return [c for fut in futures for c in self._wait(fut)]
-
-    def _wait(self, fut: Future) -> list[list[Completion]]:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                return fut.result(timeout=0.5)
-            if self.cancelled():  # this step's answers are no longer needed: the backend may drop them
-                fut.cancel()
-                raise Cancelled
-
-    def vet(self, cands: list[Candidate]) -> None:
-        """Quality scores and decontamination of candidates (no lock held): each gets scores and a reason."""
-        gate = self.run.gate
-        if gate is not None and cands:
-            gate.vet(cands, self.ask)
-            if "judge" in gate.q.scorers:
-                self.counts["requests/judge"] += len(cands) * len(QUESTIONS)
-
-    def admit(self, c: Candidate, stage: str, **extra: Any) -> bool:
-        """In the "commit" section: whether `c` becomes a record. A vetted reason, or an (input, output) pair
-        already accepted under another instruction (shared_instance), rejects it (counted, with its scores)."""
-        if not c.reason and self.run.instances.shared(c.instance, c.instruction):
+    def admit(self, run: Run, c: Candidate, stage: str, **extra: Any) -> bool:
+        """In step order: whether `c` becomes a record. A vetted reason, or an (input, output) pair already
+        accepted under another instruction (shared_instance), rejects it (counted, with its scores)."""
+        if not c.reason and run.instances.shared(c.instance, c.instruction):
             c.reason = "shared_instance"
         if c.reason:
             self.reject([c.rejection(stage, **extra)])
             return False
-        self.run.instances.add(c.instance, c.instruction)
+        run.instances.add(c.instance, c.instruction)
         return True
 
     def alert(self, stage: str, outcomes: list[str], replies: list[str]) -> None:
@@ -291,13 +185,12 @@ class Step:
             self.alerts.append((stage, reason, len(outcomes), replies))
 
     def reject(self, rows: list[dict[str, Any]]) -> None:
-        """Each row needs `stage` and `reason`; written and counted at commit."""
+        """Each row needs `stage` and `reason`; written and counted by `apply`."""
         self.rejected += rows
 
-    def commit(self) -> None:
-        """In the "commit" section: the step's rows appended (fsync), counters and state.json, in step order;
-        then whether the run is done or stalled."""
-        run = self.run
+    def apply(self, run: Run) -> None:
+        """In step order: the step's rows appended (fsync), its counters and alerts, the run's next step.
+        The caller checkpoints after it (scheduler.py)."""
         run.last_alert = ""
         for stage, reason, n, replies in self.alerts:
             run.last_alert = raise_alert(run.alerts, stage, reason, n, replies)
@@ -309,17 +202,49 @@ class Step:
         if self.stall is not None:
             run.stalled_requests = 0 if self.records else run.stalled_requests + self.stall
         run.step = self.k + 1
-        for hook in self.on_commit:
-            hook()
-        run.checkpoint()
-        if run.is_done(run):
-            run.stop(self.k, "done")
-        elif run.stalled_requests >= run.cfg.generate.max_stalled_requests:
-            run.stop(self.k, "stalled")
 
 
-def _releaser(limit: InFlight, n: int) -> Callable[[Future], None]:
-    return lambda _: limit.release(n)
+W = TypeVar("W")
+Ask = Callable[[list[Request]], list[list[Completion]]]
+
+
+def _never(*_: object) -> float:
+    return -math.inf
+
+
+def _nothing_more(run: Run, s: Step, w: Any, ask: Ask) -> list[Candidate]:
+    return []
+
+
+@dataclass(frozen=True)
+class Stages(Generic[W]):
+    """What one step of a recipe does, as plain functions. scheduler.py calls them in this order and gives
+    each the guarantee it names; none of them waits, takes a lock or starts a thread. `W` is the recipe's
+    own record of the step's work, made by `prepare` and handed to the stages after it.
+
+    reads(run, k)           the last step whose commit step k's requests must see (-inf: none; NEVER: the
+                            step is past the method's end and waits to be cancelled)
+    prepare(run, s) -> W    the step's work, its first requests in `requests(w)` (the run as of `reads`)
+    take(run, s, w, outs)   the answers to those requests: parsing and the checks that need no shared state
+    screen_after(run, s, w) the last step whose commit screening must see (-inf: the previous screen is
+                            enough)
+    screen(run, s, w)       in step order, after the previous step's screen: checks against the ROUGE-L pool
+    expand(run, s, w, ask)  more teacher requests (`ask(requests)` returns their answers); the candidates
+                            whose quality is then scored (vetting.py)
+    commit(run, s, w)       in step order: records and the recipe's state
+    committed(run, s)       after the step's rows are written, before its checkpoint: True when the method
+                            changed phase (the steps after this one start afresh)
+    """
+
+    prepare: Callable[[Run, Step], W]
+    requests: Callable[[W], list[Request]]
+    take: Callable[[Run, Step, W, list[list[Completion]]], None]
+    commit: Callable[[Run, Step, W], None]
+    reads: Callable[[Run, int], float] = _never
+    screen: Callable[[Run, Step, W], None] | None = None
+    screen_after: Callable[[Run, Step, W], float] = _never
+    expand: Callable[[Run, Step, W, Ask], list[Candidate]] = _nothing_more
+    committed: Callable[[Run, Step], bool] | None = None
 
 
 def restore(run: Run) -> None:

@@ -1,6 +1,6 @@
 """Self-Instruct (Wang et al., 2023, arXiv 2212.10560), one step at a time.
 
-    step(run, s)   # step s.k, called by loop.generate (several in flight) until the target is reached
+    STAGES         # one step as plain functions (run.Stages); scheduler.py runs several steps at once
 
 A step: `request_batch_size` prompts of 8 demo instructions (6 human + 2 machine, seeded draw)
 -> the teacher continues each numbered list -> parse -> a copy of a demo? -> filters -> ROUGE-L against the
@@ -10,16 +10,19 @@ scores and decontamination (vetting.py) -> shared instances -> records. Every dr
 rejected.jsonl with its reason.
 
 Steps in flight: step k's machine demos come from the instructions accepted by steps up to k - 1 - lag
-(lag = max(1, steps in flight - 1)), so its lists can be generated while earlier steps are still
+(lag = max(1, steps in flight - 1): `reads`), so its lists can be generated while earlier steps are still
 answering; with one or two steps in flight that is "accepted before the previous step finished",
 exactly the step-by-step order. Screening runs in step order against the pool every earlier step
-screened; the target cap waits for the earlier steps' records only when they could reach it.
+screened; the target cap needs the earlier steps' records only when they could reach it (`screen_after`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -36,7 +39,7 @@ from selfinstruct.generate.parse import (
     parse_instructions_json,
     parse_yes_no,
 )
-from selfinstruct.generate.run import Run, Step, public, seeded
+from selfinstruct.generate.run import Ask, Run, Stages, Step, public, seeded
 from selfinstruct.generate.vetting import Candidate
 from selfinstruct.generators import Completion, Request
 from selfinstruct.generators.base import choice_mode
@@ -139,41 +142,63 @@ def instruction_requests(run: Run, step_no: int, n_machine: int) -> tuple[random
     return rng, requests, parents
 
 
-def step(run: Run, s: Step) -> None:
-    cfg = run.cfg.generate
-    st, lag = run.state(SelfInstructState), demo_lag(run)
+@dataclass
+class Work:
+    """One step's work: its requests and RNG, then what each stage made of them."""
 
-    # 1. New instructions from numbered lists of demos (machine demos as of step k-1-lag's commit).
-    s.after("commit", s.k - 1 - lag)
-    with run.lock:
-        rng, requests, parents = instruction_requests(run, s.k, st.demos(s.k, lag))
-    outs = s.ask(requests)
-    s.counts["requests/instructions"] += len(requests)
-    s.stall = len(requests)
+    requests: list[Request]
+    rng: random.Random
+    parents: list[list[tuple[str, str]]]  # each request's demos (text, id)
+    parsed: list = field(default_factory=list)  # per reply: (parent ids, demo texts, reply, items, dropped)
+    fresh: list[tuple[str, list[str], float]] = field(default_factory=list)  # screened: (text, parents, ROUGE-L)
+    tasks: list = field(default_factory=list)  # (instruction, parents, ROUGE-L, classification?, candidates)
 
-    # 2. Parse, filter, and drop near-duplicates of the pool (which grows as we accept), in step order.
-    parse = parse_instructions_json if cfg.list_format == "json" else parse_instructions
-    parsed = [([i for _, i in demos], [t for t, _ in demos], c, *parse(c.text, c.finish_reason == "length"))
-              for completions, demos in zip(outs, parents, strict=True) for c in completions]
-    s.after("screen", s.k - 1)
-    with run.lock:  # the cap needs the earlier steps' records only when they could reach the target
-        exact = run.accepted_instructions + st.pending + sum(len(p[3]) for p in parsed) >= cfg.num_instructions
-    if exact:
-        s.after("commit", s.k - 1)
-    with s.ordered("screen"):
-        fresh = screen(run, s, parsed)
-        st.pending += len(fresh)
 
-    # 3-4. Classification or not, then instances; quality scores and decontamination.
-    tasks = instances(run, s, fresh, rng)
-    s.vet([c for *_, cands in tasks for c in cands])
+def reads(run: Run, k: int) -> float:
+    """Step k's lists show the machine instructions accepted as of step k-1-lag's commit."""
+    return k - 1 - demo_lag(run)
 
-    # 5. Records, in step order (their ids, the machine demos of later steps, the target).
-    with s.ordered("commit"):
-        commit(run, s, tasks)
-        st.pending -= len(fresh)
-        st.committed(s.k, len(run.machine), lag)
-        s.commit()
+
+def prepare(run: Run, s: Step) -> Work:
+    """1. New instructions from numbered lists of demos."""
+    rng, requests, parents = instruction_requests(run, s.k, run.state(SelfInstructState).demos(s.k, demo_lag(run)))
+    return Work(requests, rng, parents)
+
+
+def take(run: Run, s: Step, w: Work, outs: list[list[Completion]]) -> None:
+    """2a. Each reply parsed into a list of instructions."""
+    s.counts["requests/instructions"] += len(w.requests)
+    s.stall = len(w.requests)
+    parse = parse_instructions_json if run.cfg.generate.list_format == "json" else parse_instructions
+    w.parsed = [([i for _, i in demos], [t for t, _ in demos], c, *parse(c.text, c.finish_reason == "length"))
+                for completions, demos in zip(outs, w.parents, strict=True) for c in completions]
+
+
+def screen_after(run: Run, s: Step, w: Work) -> float:
+    """The target cap needs the earlier steps' records only when they could reach the target."""
+    pending = run.state(SelfInstructState).pending
+    could = run.accepted_instructions + pending + sum(len(p[3]) for p in w.parsed)
+    return s.k - 1 if could >= run.cfg.generate.num_instructions else -math.inf
+
+
+def screen_step(run: Run, s: Step, w: Work) -> None:
+    """2b. Copies of a demo, the filters, near-duplicates of the pool (which grows as we accept)."""
+    w.fresh = screen(run, s, w.parsed)
+    run.state(SelfInstructState).pending += len(w.fresh)
+
+
+def expand(run: Run, s: Step, w: Work, ask: Ask) -> list[Candidate]:
+    """3-4. Classification or not, then instances: the candidates the quality gate scores."""
+    w.tasks = instances(run, s, w.fresh, w.rng, ask)
+    return [c for *_, cands in w.tasks for c in cands]
+
+
+def commit_step(run: Run, s: Step, w: Work) -> None:
+    """5. Records (their ids, the machine demos of later steps, the target)."""
+    st = run.state(SelfInstructState)
+    commit(run, s, w.tasks)
+    st.pending -= len(w.fresh)
+    st.committed(s.k, len(run.machine), demo_lag(run))
 
 
 def screen(run: Run, s: Step, parsed: list) -> list[tuple[str, list[str], float]]:
@@ -200,12 +225,12 @@ def screen(run: Run, s: Step, parsed: list) -> list[tuple[str, list[str], float]
     return fresh
 
 
-def instances(run: Run, s: Step, fresh: list[tuple[str, list[str], float]], rng: random.Random) -> list:
+def instances(run: Run, s: Step, fresh: list[tuple[str, list[str], float]], rng: random.Random, ask: Ask) -> list:
     """Classification or not (output-first vs input-first instances), then the instances of each task. A
     "classification" whose reply shows one class label was no classification (a weak teacher answers Yes to
     most tasks): it is asked again, input-first."""
     cfg = run.cfg.generate
-    answers = s.ask(  # a choice of Yes / No where the backend can enforce one
+    answers = ask(  # a choice of Yes / No where the backend can enforce one
         [Request(run.prompts.render(T_CLASSIFY, instruction=i), seeded(cfg.classify_sampling, rng), choices=YES_NO)
          for i, _, _ in fresh])
     s.counts["requests/classify"] += len(fresh)
@@ -215,11 +240,11 @@ def instances(run: Run, s: Step, fresh: list[tuple[str, list[str], float]], rng:
     is_clf = [bool(v) for v in verdicts]
     s.alert("classify", ["classify_unclear" if v is None else "" for v in verdicts], [a[0].text for a in answers])
 
-    inst_outs = s.ask(instance_requests(run, [i for i, _, _ in fresh], is_clf, rng))
+    inst_outs = ask(instance_requests(run, [i for i, _, _ in fresh], is_clf, rng))
     s.counts["requests/instances"] += len(fresh)
     redo = [k for k, clf in enumerate(is_clf) if clf and one_label(inst_outs[k][0].text)]
     if redo:
-        again = s.ask(instance_requests(run, [fresh[k][0] for k in redo], [False] * len(redo), rng))
+        again = ask(instance_requests(run, [fresh[k][0] for k in redo], [False] * len(redo), rng))
         s.counts["requests/instances"] += len(redo)
         s.counts["reclassified"] += len(redo)
         for k, out in zip(redo, again, strict=True):
@@ -237,7 +262,7 @@ def commit(run: Run, s: Step, tasks: list) -> None:
                  for clf in (False, True)}
     sampling = {"instruction": public(cfg.instruction_sampling), "instance": public(cfg.instance_sampling)}
     for instr, par, score, clf, cands in tasks:
-        kept = [c for c in cands if s.admit(c, "instance")]
+        kept = [c for c in cands if s.admit(run, c, "instance")]
         if not kept:
             s.reject([{"stage": "task", "reason": "no_valid_instances", "instruction": instr, "in_pool": True}])
             continue
@@ -301,3 +326,12 @@ def instance_candidates(run: Run, s: Step, fresh: list[tuple[str, list[str], flo
         tasks.append((instr, par, score, clf, [Candidate(instr, i.input, i.output) for i in kept]))
     s.alert("instances", outcomes, [o[0].text for o in inst_outs])
     return tasks
+
+
+STAGES: Stages[Work] = Stages(prepare=prepare, requests=lambda w: w.requests, take=take, commit=commit_step,
+                              reads=reads, screen=screen_step, screen_after=screen_after, expand=expand)
+
+
+def with_committed(hook: Callable[[Run, Step], bool]) -> Stages[Work]:
+    """Self-Instruct's stages with a hook after each commit (self-instruct+evol's change of phase)."""
+    return dataclasses.replace(STAGES, committed=hook)
