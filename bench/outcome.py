@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = """\
-teacher: {{backend: {backend}, max_model_len: 2048, cache: null}}
+teacher: {{backend: {backend}, engine: {{max_model_len: 2048}}, cache: null}}
 generate:
   method: self-instruct
   seed: 0

@@ -81,7 +81,7 @@ def checks(item: tuple[str, str, str], shown: list) -> float:
 
 def score(model: str, sets: dict[str, list], judge_n: int, backend: str) -> dict[str, dict[str, list[float]]]:
     """Per kind, per scorer: the values (higher = better)."""
-    from selfinstruct.config import Config, TeacherConfig
+    from selfinstruct.config import Config, EngineConfig, TeacherConfig
     from selfinstruct.generate.vetting import Candidate, Gate
     from selfinstruct.generators import make_generator
     from selfinstruct.generators.base import choice_mode
@@ -91,7 +91,8 @@ def score(model: str, sets: dict[str, list], judge_n: int, backend: str) -> dict
     cfg = Config()
     cfg.quality.max_ifd = None
     ifd = IFDScorer(model, device="auto", batch_size=8)
-    judge = make_generator(TeacherConfig(model=model, backend=backend, cache=None, max_model_len=2048)) \
+    judge = make_generator(TeacherConfig(model=model, backend=backend, cache=None,
+                                         engine=EngineConfig(max_model_len=2048))) \
         if judge_n else None
     gate = Gate(cfg.quality, Prompts(), ifd, judge, choice_mode(judge) if judge else None)
     shown = demos()

@@ -53,7 +53,7 @@ def free_port() -> int:
 
 
 COMPARE = """\
-teacher: {{backend: {backend}, max_model_len: 2048, cache: null}}
+teacher: {{backend: {backend}, engine: {{max_model_len: 2048}}, cache: null}}
 generate:
   method: evol
   seed: 7
@@ -112,7 +112,7 @@ def main() -> None:
         compare_backends(args.compare_backends, args.inputs, args.max_tokens)
         return
 
-    from selfinstruct.config import Sampling, TeacherConfig
+    from selfinstruct.config import Sampling, ServerConfig, TeacherConfig
     from selfinstruct.generators import Request
     from selfinstruct.generators.openai import OpenAIGenerator
 
@@ -125,8 +125,9 @@ def main() -> None:
                     break
             except httpx.TransportError:
                 time.sleep(0.05)
-        teacher = OpenAIGenerator(TeacherConfig(model="m", base_urls=[f"http://127.0.0.1:{port}/v1"],
-                                              max_concurrency=args.concurrency, cache=None))
+        teacher = OpenAIGenerator(TeacherConfig(model="m", cache=None,
+                                                server=ServerConfig(base_urls=[f"http://127.0.0.1:{port}/v1"],
+                                                                    max_concurrency=args.concurrency)))
         requests = [Request(f"Come up with task {i}:", Sampling(max_tokens=16, seed=i)) for i in range(args.n)]
         teacher.generate(requests[: args.concurrency])  # warm the connection pool
         cpu0, t0 = time.process_time(), time.perf_counter()

@@ -81,7 +81,7 @@ def one(model: str, method: str, backend: str, budget: int, target: int, out: Pa
         from selfinstruct.config import load_config
 
     overrides = {"teacher.model": model, "teacher.backend": backend, "teacher.cache": None,
-                 "teacher.max_model_len": 2048, "generate.method": method, "generate.seed": 0,
+                 "teacher.engine.max_model_len": 2048, "generate.method": method, "generate.seed": 0,
                  "generate.seeds": str(ROOT / "seeds"), "generate.out": str(out),
                  "generate.num_instructions": target, "generate.request_batch_size": 4,
                  "generate.evol.rounds": 1, "generate.evol.batch_size": 8, "generate.evol.max_inputs": target}
@@ -140,14 +140,15 @@ COPIES = ("copies_demo", "echoes_instruction", "format_leak", "shared_instance")
 def judge(model: str, backend: str, records: list[dict]) -> dict[str, int]:
     """How many records the judge (MODEL, loaded again: the run closed its teacher) calls a valid task, and valid
     in all three audit questions."""
-    from selfinstruct.config import Sampling, TeacherConfig
+    from selfinstruct.config import EngineConfig, Sampling, TeacherConfig
     from selfinstruct.generators import make_generator
     from selfinstruct.generators.base import choice_mode
     from selfinstruct.prompts import Prompts
     from selfinstruct.scoring import all_valid, judge_requests, read_judgements
 
     items = [(r["instruction"], r["input"], r["output"]) for r in records]
-    teacher = make_generator(TeacherConfig(model=model, backend=backend, cache=None, max_model_len=2048))
+    teacher = make_generator(TeacherConfig(model=model, backend=backend, cache=None,
+                                           engine=EngineConfig(max_model_len=2048)))
     try:
         outs = teacher.generate(judge_requests(Prompts(), items, Sampling(temperature=0.0, max_tokens=4)))
     finally:

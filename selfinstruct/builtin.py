@@ -46,7 +46,7 @@ SMALL_TEACHER = {
     "generate.alpaca.sampling.max_tokens": 512,
     "generate.evol.evolve_sampling.max_tokens": 128,
     "generate.evol.response_sampling.max_tokens": 192,
-    "teacher.max_model_len": 2048,
+    "teacher.engine.max_model_len": 2048,
 }
 
 

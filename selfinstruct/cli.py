@@ -80,8 +80,8 @@ def _parents() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _flag(generation, "--method", "generate.method", choices=METHODS)
     _flag(generation, "--teacher", "teacher.model", metavar="MODEL")
     _flag(generation, "--backend", "teacher.backend", choices=["auto", "vllm", "openai", "transformers"])
-    generation.add_argument("--base-url", dest="teacher.base_urls", action="append", default=None, metavar="URL",
-                            help=field_help("teacher.base_urls") + " Repeat for several servers.")
+    generation.add_argument("--base-url", dest="teacher.server.base_urls", action="append", default=None, metavar="URL",
+                            help=field_help("teacher.server.base_urls") + " Repeat for several servers.")
     _flag(generation, "--num-instructions", "generate.num_instructions", type=int, metavar="N")
     _flag(generation, "--seed", "generate.seed", type=int, metavar="S")
     generation.add_argument("--no-cache", dest="no_cache", action="store_true",
@@ -95,8 +95,8 @@ def _generation_commands(sub: Any, config: argparse.ArgumentParser, generation: 
     g = sub.add_parser("generate", parents=[generation, config],
                        help="Grow an instruction dataset from seed tasks with a teacher model.")
     _flag(g, "--prompt-format", "teacher.prompt_format", choices=["auto", "chat", "completion"])
-    g.add_argument("--launch", dest="teacher.launch", action="store_true", default=None,
-                   help=field_help("teacher.launch"))
+    g.add_argument("--launch", dest="teacher.server.launch", action="store_true", default=None,
+                   help=field_help("teacher.server.launch"))
     _flag(g, "--out", "generate.out", metavar="DIR")
     g.add_argument("--resume", dest="generate.resume", action="store_true", default=None,
                    help=field_help("generate.resume"))
@@ -172,7 +172,7 @@ def _data_commands(sub: Any, config: argparse.ArgumentParser) -> None:
     _flag(sc, "--model", "quality.ifd_model", metavar="MODEL")
     _flag(sc, "--judge", "eval.judge", metavar="MODEL")
     _flag(sc, "--backend", "teacher.backend", choices=["auto", "vllm", "openai", "transformers"])
-    sc.add_argument("--base-url", dest="teacher.base_urls", action="append", default=None, metavar="URL",
+    sc.add_argument("--base-url", dest="teacher.server.base_urls", action="append", default=None, metavar="URL",
                     help="The judge's OpenAI-compatible server(s).")
     sc.add_argument("--out", metavar="DIR", help="Where scored.jsonl, selected.jsonl and summary.json go (default "
                     "RUN/score for a run, else outputs/<date>-<time>-score).")

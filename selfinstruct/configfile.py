@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from selfinstruct.config import Config, ConfigValueError, Sampling
+from selfinstruct.config import Config, ConfigValueError, EngineConfig, Sampling, ServerConfig
 from selfinstruct.errors import UserError, redact
 
 if sys.version_info >= (3, 11):
@@ -40,6 +40,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         mine, lines = _read_file(Path(path))
         data = _merge(data, mine)
     for dotted, value in (overrides or {}).items():
+        dotted = moved(dotted)
         node = data
         *parents, last = dotted.split(".")
         for p in parents:
@@ -50,6 +51,31 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         return small_teacher(_build(Config, data, "", lines, path))
     except ConfigValueError as e:  # raised by __post_init__ of a section we could not name more precisely
         raise UserError(str(e), path) from None
+
+
+# The teacher section's server and engine keys, which earlier versions held flat (teacher.base_urls): a config
+# file, a run directory's config.yaml or a dotted override that names them so is read into their new places.
+MOVED = {**{k: "server" for k in ServerConfig.__dataclass_fields__},
+         **{k: "engine" for k in EngineConfig.__dataclass_fields__}}
+
+
+def moved(dotted: str) -> str:
+    """`teacher.base_urls` -> `teacher.server.base_urls`; any other key as it is."""
+    parts = dotted.split(".")
+    return f"teacher.{MOVED[parts[1]]}.{parts[1]}" if len(parts) == 2 and parts[0] == "teacher" \
+        and parts[1] in MOVED else dotted
+
+
+def _move_flat_keys(data: dict[str, Any], lines: dict[str, int]) -> None:
+    teacher = data.get("teacher")
+    if not isinstance(teacher, dict):
+        return
+    for key in [k for k in teacher if k in MOVED]:
+        section = teacher.setdefault(MOVED[key], {})
+        if isinstance(section, dict):  # else _build names the bad section
+            section.setdefault(key, teacher.pop(key))  # both spellings: the new one wins
+            if f"teacher.{key}" in lines:
+                lines[moved(f"teacher.{key}")] = lines.pop(f"teacher.{key}")
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +147,7 @@ def _parse_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     if not isinstance(data, dict):
         raise UserError("the config must be a mapping of sections (teacher, generate, filters, train, eval, "
                         "rounds, quality)", path, 1)
+    _move_flat_keys(data, lines)
     return data, lines
 
 

@@ -39,6 +39,7 @@ from selfinstruct.modeling import check_model
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import read_jsonl, write_atomic, write_json
 from selfinstruct.report import report_table, write_report
+from selfinstruct.roles import check_servable, share_engine
 from selfinstruct.rundir import Ownership, check, kind_of, locked
 
 console = Console(stderr=True, soft_wrap=True)
@@ -94,33 +95,6 @@ def round_config(cfg: Config, run_dir: Path, k: int) -> Config:
     return c
 
 
-def check_servable(cfg: Config) -> None:
-    """When vLLM serves the students (eval.backend vllm or openai), their adapters must be ones it can
-    load: plain LoRA with rank <= teacher.max_lora_rank (our defaults). DoRA or a larger rank is the
-    user opting out, which only the transformers backend can then run."""
-    from selfinstruct.roles import student_config
-
-    if student_config(cfg, None).backend not in ("vllm", "openai"):  # auto resolves as it will run
-        return
-    if cfg.train.use_dora:
-        raise UserError("train.use_dora makes adapters vLLM cannot serve; use eval.backend: transformers, or "
-                        "plain LoRA")
-    if cfg.train.lora_r > cfg.teacher.max_lora_rank:
-        raise UserError(f"train.lora_r {cfg.train.lora_r} > teacher.max_lora_rank {cfg.teacher.max_lora_rank}: "
-                        "vLLM would refuse the adapters; raise max_lora_rank (and the server's --max-lora-rank) "
-                        "or lower lora_r")
-
-
-def share_engine(cfg: Config) -> Config:
-    """When students run on in-process vLLM, the teacher's and judge's engines get LoRA support too, so
-    one engine serves them all when they share a base model (an engine start costs a minute or more)."""
-    from selfinstruct.roles import student_config
-
-    if student_config(cfg, None).backend != "vllm":
-        return cfg
-    return dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, enable_lora=True))
-
-
 def free_accelerator() -> None:
     """Training needs the GPU memory a vLLM engine holds: end it first (on CPU it stays, for the next stage)."""
     import sys
@@ -157,7 +131,7 @@ def check_run(cfg: Config) -> None:
     if "ifd" in (cfg.quality.scorers or ["ifd"]) and cfg.quality.ifd_model:
         check_model(cfg.quality.ifd_model, trust, "IFD")
     NgramIndex.from_paths(cfg.quality.decontaminate, cfg.quality.ngram)  # a bad evaluation file fails now
-    if cfg.teacher.backend != "openai" and not cfg.teacher.base_urls and not cfg.teacher.launch:
+    if cfg.teacher.backend != "openai" and not cfg.teacher.server.base_urls and not cfg.teacher.server.launch:
         check_model(cfg.teacher.model, trust, "teacher")
         if cfg.rounds.evaluate and cfg.eval.judge:
             check_model(cfg.eval.judge, trust, "judge")

@@ -238,7 +238,8 @@ def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path,
 
     cfg = load_config(None, {
         "teacher.model": str(model_dir), "teacher.backend": backend, "teacher.cache": None,
-        "teacher.max_model_len": 2048, "teacher.enable_lora": backend == "vllm",  # the module's engine has LoRA
+        "teacher.engine.max_model_len": 2048,
+        "teacher.engine.enable_lora": backend == "vllm",  # the module's engine has LoRA
         "generate.method": method, "generate.seed": 1, "generate.seeds": str(ROOT / "seeds"),
         "generate.out": str(out), "generate.num_instructions": RECIPE_TARGET, "generate.request_batch_size": 4,
         "generate.evol.rounds": 1, "generate.evol.max_inputs": 4 * RECIPE_TARGET,  # SmolLM2 fails most rewrites

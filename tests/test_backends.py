@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, cli
 from serve import SERVERS, FaultyProxy, answers, free_port, transformers_serve
 
-from selfinstruct.config import Sampling, TeacherConfig
+from selfinstruct.config import EngineConfig, Sampling, ServerConfig, TeacherConfig
 from selfinstruct.errors import TeacherError
 from selfinstruct.generators import Request, make_generator
 from selfinstruct.generators.base import Blocking
@@ -111,7 +111,8 @@ def test_two_servers_spread_failover_and_cache(teacher_dir, fast_config, tmp_pat
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     with transformers_serve(teacher_dir, logs[0]) as url_a, transformers_serve(teacher_dir, logs[1]) as url_b:
         # 1. spread: a teacher with two URLs uses both
-        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[url_a, url_b], cache=None))
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None,
+                                          server=ServerConfig(base_urls=[url_a, url_b])))
         t.generate([Request(f"Task {i}:", Sampling(temperature=0, max_tokens=4)) for i in range(8)])
         t.close()
         assert posts(logs[0]) == 4 and posts(logs[1]) == 4
@@ -305,8 +306,9 @@ def test_vllm_sampling_mapping():
 
 
 def test_vllm_engine_mapping():
-    cfg = TeacherConfig(model="Qwen/Qwen2.5-7B-Instruct", tensor_parallel_size=4, gpu_memory_utilization=0.8,
-                        max_model_len=8192, lora_path="/adapters/r1", max_lora_rank=32, dtype="bfloat16")
+    cfg = TeacherConfig(model="Qwen/Qwen2.5-7B-Instruct", lora_path="/adapters/r1",
+                        engine=EngineConfig(tensor_parallel_size=4, gpu_memory_utilization=0.8, max_model_len=8192,
+                                            max_lora_rank=32, dtype="bfloat16"))
     assert engine_kwargs(cfg) == {"model": "Qwen/Qwen2.5-7B-Instruct", "tensor_parallel_size": 4,
                                   "gpu_memory_utilization": 0.8, "trust_remote_code": False, "max_model_len": 8192,
                                   "dtype": "bfloat16", "enable_lora": True, "max_lora_rank": 32}
@@ -319,9 +321,10 @@ def test_vllm_engine_mapping_on_cpu(monkeypatch):
     assert kw["dtype"] == "float32" and kw["enforce_eager"] and kw["kv_cache_memory_bytes"] == 4 << 30
     assert kw["enable_chunked_prefill"] is False  # seeded requests crash the CPU build's sampler otherwise
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # the user's setting wins (vLLM reads it itself)
-    assert "kv_cache_memory_bytes" not in engine_kwargs(TeacherConfig(model="m", dtype="bfloat16"), cuda=False)
-    assert engine_kwargs(TeacherConfig(model="m", dtype="bfloat16"), cuda=False)["dtype"] == "bfloat16"
-    assert engine_kwargs(TeacherConfig(model="m", enable_lora=True), cuda=False)["enable_lora"]
+    bf16 = TeacherConfig(model="m", engine=EngineConfig(dtype="bfloat16"))
+    assert "kv_cache_memory_bytes" not in engine_kwargs(bf16, cuda=False)
+    assert engine_kwargs(bf16, cuda=False)["dtype"] == "bfloat16"
+    assert engine_kwargs(TeacherConfig(model="m", engine=EngineConfig(enable_lora=True)), cuda=False)["enable_lora"]
 
 
 def test_launch_command_of_the_cpu_build():
@@ -329,7 +332,7 @@ def test_launch_command_of_the_cpu_build():
 
     from selfinstruct.generators.launch import server_command
 
-    default = TeacherConfig().launch_command
+    default = TeacherConfig().server.launch_command
     cmd = server_command(default)
     if importlib.metadata.version("vllm-cpu"):  # as in CI: its `vllm` script cannot start, and its engine dies
         assert cmd[:4] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]  # on a cut
@@ -351,7 +354,8 @@ def test_vllm_outputs_to_completions():
 def test_response_format_fallback(teacher_dir, tmp_path):
     with transformers_serve(teacher_dir, tmp_path / "s.log") as url, \
             FaultyProxy(url, every_429=10**9, every_500=10**9, every_hang=10**9, reject_response_format=True) as proxy:
-        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], cache=None))
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None,
+                                          server=ServerConfig(base_urls=[proxy.url])))
         schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
         req = Request("Answer in JSON.", Sampling(temperature=0, max_tokens=8), json_schema=schema)
         outs = t.generate([req, req])
@@ -377,8 +381,8 @@ def test_server_refusing_runtime_lora_is_a_clear_error(teacher_dir, tmp_path):
     req = Request("Write a haiku about tea.", Sampling(max_tokens=8))
     with transformers_serve(teacher_dir, tmp_path / "s.log") as url, \
             FaultyProxy(url, refuse_lora=True, **quiet) as proxy:
-        t = make_generator(TeacherConfig(backend="openai", model=str(teacher_dir), base_urls=[proxy.url],
-                                       lora_path=str(adapter), cache=None))
+        t = make_generator(TeacherConfig(backend="openai", model=str(teacher_dir), lora_path=str(adapter), cache=None,
+                                         server=ServerConfig(base_urls=[proxy.url])))
         try:
             with pytest.raises(TeacherError, match="--enable-lora"):
                 t.generate([req])
@@ -395,8 +399,9 @@ def test_failing_endpoint_leaves_rotation_and_comes_back(teacher_dir, tmp_path):
     req = [Request(f"Task {i}:", Sampling(temperature=0, max_tokens=4)) for i in range(6)]
     with transformers_serve(teacher_dir, tmp_path / "s.log") as url, FaultyProxy(url, **QUIET) as flaky:
         flaky.down = True
-        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[flaky.url, url], dead_after=2,
-                                        dead_cooldown=1.0, max_retries=6, max_concurrency=1, cache=None))
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None,
+                                          server=ServerConfig(base_urls=[flaky.url, url], dead_after=2,
+                                                              dead_cooldown=1.0, max_retries=6, max_concurrency=1)))
         try:
             assert len(t.generate(req)) == 6  # the healthy server carried them
             # Each removal takes 2 failures in a row; on a slow machine the 1 s cool-down can end during the
@@ -415,13 +420,13 @@ def test_failing_endpoint_leaves_rotation_and_comes_back(teacher_dir, tmp_path):
 def test_api_key_is_sent_as_bearer_header(teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MY_TEACHER_KEY", "sk-abc123")
     with transformers_serve(teacher_dir, tmp_path / "s.log") as url, FaultyProxy(url, **QUIET) as proxy:
-        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], api_key_env="MY_TEACHER_KEY",
-                                        cache=None))
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None,
+                                          server=ServerConfig(base_urls=[proxy.url], api_key_env="MY_TEACHER_KEY")))
         t.generate([Request("Say hi.", Sampling(temperature=0, max_tokens=3))])
         t.close()
         monkeypatch.delenv("MY_TEACHER_KEY")
-        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], api_key_env="MY_TEACHER_KEY",
-                                        cache=None))
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None,
+                                          server=ServerConfig(base_urls=[proxy.url], api_key_env="MY_TEACHER_KEY")))
         t.generate([Request("Say hi.", Sampling(temperature=0, max_tokens=3))])
         t.close()
     assert proxy.auth == ["Bearer sk-abc123", None]  # no key, no header
@@ -433,8 +438,8 @@ def test_retry_after_is_honoured_in_the_retry_loop(teacher_dir, tmp_path):
     a busy machine can only make the retry later, never earlier.)"""
     with transformers_serve(teacher_dir, tmp_path / "s2.log") as url, \
             FaultyProxy(url, every_429=2, every_500=10**9, every_hang=10**9, retry_after=2.0) as proxy:
-        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[proxy.url], max_concurrency=1,
-                                        cache=None))
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None,
+                                          server=ServerConfig(base_urls=[proxy.url], max_concurrency=1)))
         for i in range(2):
             t.generate([Request(f"Say hi {i}.", Sampling(temperature=0, max_tokens=3))])
         t.close()
@@ -475,7 +480,7 @@ def test_prefill_and_choice_fall_back_on_a_server_without_them(teacher_dir, tmp_
     request goes again without them (once per server), and the reply is parsed as free text."""
     log = tmp_path / "s.log"
     with transformers_serve(teacher_dir, log) as url:
-        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[url], cache=None))
+        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None, server=ServerConfig(base_urls=[url])))
         prompt = "Task: Write a short poem about the ocean."
         reqs = [Request(prompt, Sampling(temperature=0, max_tokens=12), prefill="Example 1\nInput:"),
                 Request("Is it classification?", Sampling(temperature=0, max_tokens=3), choices=("Yes", "No"))]

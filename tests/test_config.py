@@ -80,10 +80,28 @@ def test_missing_and_wrong_suffix(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(None, {"generate.num_instructions": 12, "teacher.base_urls": ["http://127.0.0.1:1/v1"]})
+    cfg = load_config(None, {"generate.num_instructions": 12, "teacher.server.base_urls": ["http://127.0.0.1:1/v1"]})
     f = tmp_path / "resolved.yaml"
     f.write_text(dump_yaml(cfg))
     assert load_config(f) == cfg
+
+
+def test_a_config_of_an_earlier_version_with_flat_teacher_keys_still_reads(tmp_path):
+    """teacher.base_urls, teacher.max_model_len... (before the section was split into server and engine) are read
+    into their new places, and a bad value still names its own line."""
+    old = tmp_path / "old.yaml"
+    old.write_text("teacher:\n  model: m\n  base_urls: [http://127.0.0.1:8000/v1]\n  max_model_len: 2048\n"
+                   "  engine: {dtype: bfloat16}\n")
+    cfg = load_config(old, {"teacher.max_retries": 1})
+    assert cfg.teacher.server.base_urls == ["http://127.0.0.1:8000/v1"] and cfg.teacher.server.max_retries == 1
+    assert cfg.teacher.engine.max_model_len == 2048 and cfg.teacher.engine.dtype == "bfloat16"
+    (tmp_path / "new.yaml").write_text(dump_yaml(cfg))  # written in the new form, read back the same
+    assert "server:" in (tmp_path / "new.yaml").read_text() and load_config(tmp_path / "new.yaml") == cfg
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher:\n  model: m\n  max_retries: -1\n")
+    with pytest.raises(UserError, match="max_retries") as e:
+        load_config(bad)
+    assert f"{bad}:3" in str(e.value)
 
 
 def test_readme_config_reference_is_current():
@@ -97,10 +115,10 @@ def test_the_builtin_teacher_gets_cpu_sized_settings_the_user_did_not_choose(tmp
 
     plain = load_config(None, {"teacher.model": "Qwen/Qwen2.5-1.5B-Instruct"})
     small = load_config(None, {"teacher.model": "smollm2"})
-    assert plain.generate.instruction_sampling.max_tokens == 1024 and plain.teacher.max_model_len is None
+    assert plain.generate.instruction_sampling.max_tokens == 1024 and plain.teacher.engine.max_model_len is None
     assert small.generate.instruction_sampling.max_tokens == SMALL_TEACHER["generate.instruction_sampling.max_tokens"]
     assert small.generate.instruction_sampling.stop == plain.generate.instruction_sampling.stop  # the rest stays
-    assert small.generate.request_batch_size == 4 and small.teacher.max_model_len == 2048
+    assert small.generate.request_batch_size == 4 and small.teacher.engine.max_model_len == 2048
     cfg = tmp_path / "c.yaml"
     cfg.write_text("generate:\n  instance_sampling: {temperature: 0.0, max_tokens: 300}\n")
     mine = load_config(cfg, {"teacher.model": "smollm2", "generate.request_batch_size": 2})

@@ -21,7 +21,7 @@ from conftest import ROOT
 from test_evol import ScriptedTeacher
 from tiny import synthetic_task
 
-from selfinstruct.config import Config, EvolConfig, GenerateConfig, TeacherConfig
+from selfinstruct.config import Config, EvolConfig, GenerateConfig, ServerConfig, TeacherConfig
 from selfinstruct.errors import TeacherError
 from selfinstruct.generate.loop import generate, run_generate
 from selfinstruct.generate.run import Run
@@ -181,7 +181,8 @@ def test_a_counting_server_never_sees_more_than_max_in_flight(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        cfg = Config(teacher=TeacherConfig(model="counted", backend="openai", base_urls=[url], cache=None),
+        cfg = Config(teacher=TeacherConfig(model="counted", backend="openai", cache=None,
+                                           server=ServerConfig(base_urls=[url])),
                      generate=GenerateConfig(method="alpaca", num_instructions=30, request_batch_size=2,
                                              steps_in_flight=8, max_in_flight=5, seeds=str(ROOT / "seeds"),
                                              out=str(tmp_path / "run")))

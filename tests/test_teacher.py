@@ -3,7 +3,7 @@ import torch
 from serve import transformers_serve
 from tiny import ROOT, render  # the prompts the tiny teacher learned
 
-from selfinstruct.config import Sampling, TeacherConfig
+from selfinstruct.config import EngineConfig, Sampling, ServerConfig, TeacherConfig
 from selfinstruct.errors import TeacherError, UserError
 from selfinstruct.generators import Request, make_generator
 from selfinstruct.generators.base import cut_at_stop
@@ -83,7 +83,7 @@ def test_penalties_follow_openai_semantics():
 
 
 def test_hf_teacher_n_seed_and_stop(teacher_dir):
-    teacher = HFGenerator(TeacherConfig(model=str(teacher_dir), batch_size=3))
+    teacher = HFGenerator(TeacherConfig(model=str(teacher_dir), engine=EngineConfig(batch_size=3)))
     s = Sampling(temperature=1.0, max_tokens=40, n=3, seed=7, stop=["\n10"])
     first = teacher.generate([Request(PROMPT, s), Request(PROMPT, Sampling(temperature=0.0, max_tokens=5))])
     assert [len(x) for x in first] == [3, 1]
@@ -112,7 +112,7 @@ def test_auto_backend_choice(teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", no_cpu_build)
     assert resolve_backend("auto", []) == "transformers" and resolve_backend("auto", ["http://h"]) == "openai"
     assert isinstance(make_generator(TeacherConfig(model=str(teacher_dir), cache=None)), HFGenerator)
-    t = make_generator(TeacherConfig(model="m", base_urls=["http://127.0.0.1:9"], cache=None))
+    t = make_generator(TeacherConfig(model="m", cache=None, server=ServerConfig(base_urls=["http://127.0.0.1:9"])))
     assert isinstance(t, OpenAIGenerator) and t.urls == ["http://127.0.0.1:9/v1"]
     t.close()
     cached = make_generator(TeacherConfig(model=str(teacher_dir), backend="transformers"))
@@ -129,7 +129,7 @@ def test_unloadable_teacher_says_pass_a_path(tmp_path):
 def test_unreachable_server_is_a_clear_error():
     from serve import free_port
 
-    cfg = TeacherConfig(model="m", base_urls=[f"http://127.0.0.1:{free_port()}/v1"], max_retries=1)
+    cfg = TeacherConfig(model="m", server=ServerConfig(base_urls=[f"http://127.0.0.1:{free_port()}/v1"], max_retries=1))
     teacher = OpenAIGenerator(cfg)
     with pytest.raises(TeacherError, match="failed 2 times"):
         teacher.generate([Request("hi", Sampling(max_tokens=4))])
@@ -139,17 +139,18 @@ def test_unreachable_server_is_a_clear_error():
 @pytest.mark.slow
 def test_openai_backend_against_transformers_serve(teacher_dir, tmp_path):
     with transformers_serve(teacher_dir, tmp_path / "serve.log") as url:
-        cfg = TeacherConfig(backend="openai", model=str(teacher_dir), base_urls=[url], cache=None)
+        cfg = TeacherConfig(backend="openai", model=str(teacher_dir), cache=None, server=ServerConfig(base_urls=[url]))
         teacher = make_generator(cfg)
         s = Sampling(temperature=1.0, max_tokens=30, n=2, seed=3)
         outs = teacher.generate([Request(PROMPT, s), Request(PROMPT, Sampling(temperature=0, max_tokens=8))])
         assert [len(o) for o in outs] == [2, 1]  # n=2 honoured although the server ignores `n`
         assert url in teacher.ignores_n
         assert all(c.text.strip() for o in outs for c in o)
-        completion = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), base_urls=[url],
-                                                 prompt_format="completion"))
+        completion = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), prompt_format="completion",
+                                                   server=ServerConfig(base_urls=[url])))
         assert completion.generate([Request("Come up with", Sampling(temperature=0, max_tokens=5))])[0][0].text
-        bad = OpenAIGenerator(TeacherConfig(model="not-the-served-model", base_urls=[url], max_retries=0))
+        bad = OpenAIGenerator(TeacherConfig(model="not-the-served-model",
+                                            server=ServerConfig(base_urls=[url], max_retries=0)))
         # transformers serve answers a model it does not serve with a 4xx: a clear error naming the status
         with pytest.raises(UserError, match=r"rejected the request with HTTP 4\d\d"):
             bad.generate([Request("hi", Sampling(max_tokens=3))])

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from selfinstruct.config import Sampling, TeacherConfig
+from selfinstruct.config import EngineConfig, Sampling, TeacherConfig
 from selfinstruct.generators import Request
 from selfinstruct.generators.vllm import _ENGINE, VLLMGenerator, shutdown_engines
 
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def base_cfg(smollm2_dir):
-    return TeacherConfig(backend="vllm", model=str(smollm2_dir), max_model_len=2048, enable_lora=True, cache=None)
+    return TeacherConfig(backend="vllm", model=str(smollm2_dir), cache=None,
+                         engine=EngineConfig(max_model_len=2048, enable_lora=True))
 
 
 @pytest.fixture(scope="module")

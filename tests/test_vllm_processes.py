@@ -23,7 +23,7 @@ SEEDS = ROOT / "tests" / "data" / "plain_tasks.jsonl"
 # Evol-Instruct is the recipe this chat model can already carry end to end (short answers keep it cheap).
 EVOL = """\
 teacher:
-  max_model_len: 1024
+  engine: {max_model_len: 1024}
 generate:
   method: evol
   evol:
@@ -118,7 +118,7 @@ def test_launch_serves_a_student_adapter_loaded_at_runtime(smollm2_dir, smollm2_
 
 
 ROUNDS = """\
-teacher: {backend: vllm, max_model_len: 1024}
+teacher: {backend: vllm, engine: {max_model_len: 1024}}
 generate:
   method: evol
   evol:

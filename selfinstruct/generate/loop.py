@@ -37,6 +37,7 @@ from selfinstruct.generators.launch import launched_server
 from selfinstruct.htmlreport import write_html_report
 from selfinstruct.prompts import Prompts
 from selfinstruct.records import read_jsonl, write_atomic, write_json
+from selfinstruct.roles import launched
 from selfinstruct.rundir import Ownership, kind_of
 from selfinstruct.seeds import SeedTask, load_tasks
 
@@ -114,11 +115,11 @@ def run_generate(cfg: Config, round_no: int = 1) -> Path:
         gate = make_gate(cfg, prompts)  # the IFD model and the evaluation sets load now: a bad one fails early
         stack.callback(gate.close)
         teacher_cfg = cfg.teacher
-        if teacher_cfg.launch:  # the server's log belongs to the run, so the directory comes first
+        if teacher_cfg.server.launch:  # the server's log belongs to the run, so the directory comes first
             owner.take()
             server = stack.enter_context(launched_server(teacher_cfg, out / "teacher-server.log"))
-            teacher_cfg = dataclasses.replace(teacher_cfg, backend="openai", base_urls=[server.url])
-        teacher = make_generator(teacher_cfg, server.check if teacher_cfg.launch else None)
+            teacher_cfg = launched(teacher_cfg, server.url)
+        teacher = make_generator(teacher_cfg, server.check if teacher_cfg.server.launch else None)
         stack.callback(teacher.close)
         gate.judge_mode = gate.judge_mode or choice_mode(teacher)  # the teacher judges unless eval.judge is another
         owner.take()

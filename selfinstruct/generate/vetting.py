@@ -128,7 +128,7 @@ def make_gate(cfg: Config, prompts: Prompts) -> Gate:
     judge, mode = None, ""
     jcfg = judge_config(cfg)
     if "judge" in q.scorers and jcfg.model != cfg.teacher.model:
-        if resolve_backend(jcfg.backend, jcfg.base_urls) == "vllm":
+        if resolve_backend(jcfg.backend, jcfg.server.base_urls) == "vllm":
             raise UserError(f"the judge '{jcfg.model}' is not the teacher, and one process runs one in-process vLLM "
                             "engine: judge with the teacher (no --judge), serve the judge (--backend openai "
                             "--base-url ...), or score afterwards: selfinstruct score RUN --scorers judge --judge M")

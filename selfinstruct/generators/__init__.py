@@ -25,7 +25,7 @@ __all__ = ["Completion", "Generator", "Request", "make_generator", "resolve_back
 def make_generator(cfg: TeacherConfig, health: Callable[[], None] | None = None) -> Generator:
     """The configured backend, behind the response cache unless `cfg.cache` is None. `health`: a launched
     server's check (launch.Server.check), called when a request to it fails."""
-    backend = resolve_backend(cfg.backend, cfg.base_urls)
+    backend = resolve_backend(cfg.backend, cfg.server.base_urls)
     gen: Generator
     if backend == "openai":
         from selfinstruct.generators.openai import OpenAIGenerator

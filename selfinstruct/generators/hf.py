@@ -46,7 +46,7 @@ class HFGenerator(Blocking):
     def __init__(self, cfg: TeacherConfig):
         self.cfg = cfg
         self.name = teacher_name(cfg)[0]
-        self.model, self.tok = load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype,
+        self.model, self.tok = load_model_and_tokenizer(cfg.model, cfg.engine.device, cfg.engine.dtype,
                                                         cfg.trust_remote_code, "teacher")
         if cfg.lora_path:  # a student: base + LoRA, prompted with the chat template it was trained with
             from peft import PeftModel
@@ -88,8 +88,8 @@ class HFGenerator(Blocking):
         texts = [self._encode(r) for r in requests]
         for jobs in groups.values():
             jobs.sort(key=lambda job: -len(texts[job[0]]))  # similar lengths together: less padding
-            for start in range(0, len(jobs), self.cfg.batch_size):
-                chunk = jobs[start: start + self.cfg.batch_size]
+            for start in range(0, len(jobs), self.cfg.engine.batch_size):
+                chunk = jobs[start: start + self.cfg.engine.batch_size]
                 seeds = [(requests[i].sampling.seed or 0, k) for i, k in chunk]
                 outs = self._batch([texts[i] for i, _ in chunk], requests[chunk[0][0]].sampling, seeds)
                 for (i, k), out in zip(chunk, outs, strict=True):

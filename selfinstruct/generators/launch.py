@@ -62,7 +62,7 @@ def bind_loopback(cmd: list[str]) -> list[str]:
             host = value if value else (cmd[i + 1] if i + 1 < len(cmd) else "")
         if host is not None:
             if host not in LOOPBACK:
-                raise UserError(f"teacher.launch_command binds '{host}': a launched server only listens on "
+                raise UserError(f"teacher.server.launch_command binds '{host}': a launched server only listens on "
                                 "127.0.0.1 (serve it yourself and pass --base-url to expose it)")
             return cmd
     return [*cmd, "--host", "127.0.0.1"]
@@ -76,16 +76,16 @@ def launched_server(cfg: TeacherConfig, log: Path) -> Iterator[Server]:
 
     port = free_port()
     cmd = bind_loopback([a.format(model=resolve_model(cfg.model), port=port)
-                         for a in server_command(cfg.launch_command)])
+                         for a in server_command(cfg.server.launch_command)])
     reaper.watch()
     with log.open("ab") as fh:
         try:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         except FileNotFoundError:
             raise UserError(f"cannot launch the teacher server: '{cmd[0]}' is not installed or not on PATH "
-                            "(teacher.launch_command)") from None
+                            "(teacher.server.launch_command)") from None
     try:
-        deadline = time.monotonic() + cfg.launch_timeout
+        deadline = time.monotonic() + cfg.server.launch_timeout
         while True:
             if proc.poll() is not None:
                 raise TeacherError(f"the launched teacher server exited with code {proc.returncode}; "
@@ -97,7 +97,7 @@ def launched_server(cfg: TeacherConfig, log: Path) -> Iterator[Server]:
                 pass
             if time.monotonic() > deadline:
                 raise TeacherError(f"the launched teacher server did not answer /health within "
-                                   f"{cfg.launch_timeout:.0f} s; its log: {log}")
+                                   f"{cfg.server.launch_timeout:.0f} s; its log: {log}")
             time.sleep(0.5)
         yield Server(proc, log, f"http://127.0.0.1:{port}/v1")
     finally:

@@ -85,7 +85,7 @@ class OpenAIGenerator:
     enforces_choices = False  # asked for (structured_outputs), but a server may ignore it: answers are parsed
 
     def __init__(self, cfg: TeacherConfig, health: Callable[[], None] | None = None):
-        if not cfg.base_urls:
+        if not cfg.server.base_urls:
             raise UserError("the openai backend needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)")
         self.cfg = cfg
         self.health = health  # a launched server's check: raises at once when it died (launch.Server.check)
@@ -94,17 +94,17 @@ class OpenAIGenerator:
         # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) and requested by its name.
         self.served = adapter or cfg.model
         self._adapter_loaded = not cfg.lora_path
-        self.endpoints = [Endpoint(normalise_url(u)) for u in cfg.base_urls]
+        self.endpoints = [Endpoint(normalise_url(u)) for u in cfg.server.base_urls]
         self.chat = cfg.prompt_format != "completion"
         self.counts: Counter = Counter()
-        key = os.environ.get(cfg.api_key_env)
-        if key and not cfg.allow_plain_http:
-            for u in cfg.base_urls:
+        key = os.environ.get(cfg.server.api_key_env)
+        if key and not cfg.server.allow_plain_http:
+            for u in cfg.server.base_urls:
                 url = urlparse(u)
                 if url.scheme == "http" and url.hostname not in ("127.0.0.1", "localhost", "::1"):
-                    raise UserError(f"the API key (${cfg.api_key_env}) would cross the network unencrypted to "
-                                    f"{url.hostname}: use an https URL, or set teacher.allow_plain_http: true if "
-                                    "that network is trusted")
+                    raise UserError(f"the API key (${cfg.server.api_key_env}) would cross the network unencrypted "
+                                    f"to {url.hostname}: use an https URL, or set teacher.server.allow_plain_http: "
+                                    "true if that network is trusted")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._next = 0
         self._loop = asyncio.new_event_loop()
@@ -146,9 +146,9 @@ class OpenAIGenerator:
             # aiohttp rather than httpx: httpcore's pool rescans every connection for every queued
             # request, which costs ~10 ms of CPU per request at 64 in flight (bench/teacher.py).
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout),
-                connector=aiohttp.TCPConnector(limit=self.cfg.max_concurrency, limit_per_host=0))
-            self._sem = asyncio.Semaphore(self.cfg.max_concurrency)
+                timeout=aiohttp.ClientTimeout(total=self.cfg.server.request_timeout),
+                connector=aiohttp.TCPConnector(limit=self.cfg.server.max_concurrency, limit_per_host=0))
+            self._sem = asyncio.Semaphore(self.cfg.server.max_concurrency)
             self._loading = asyncio.Lock()
         if not self._adapter_loaded:
             async with self._loading:  # several steps' batches arrive at once: the first loads it, once
@@ -229,7 +229,7 @@ class OpenAIGenerator:
 
     async def _post(self, req: Request, n: int, sample: int) -> list[Completion]:
         problem = "no attempt"
-        for attempt in range(self.cfg.max_retries + 1):
+        for attempt in range(self.cfg.server.max_retries + 1):
             ep = self._pick()
             while ep is None:  # every endpoint is cooling down: wait for the first to come back
                 await asyncio.sleep(max(0.05, min(e.dead_until for e in self.endpoints) - time.monotonic()))
@@ -246,7 +246,7 @@ class OpenAIGenerator:
                 self.counts["cancelled"] += 1
                 raise
             except asyncio.TimeoutError as e:
-                problem = f"{endpoint}: timed out after {self.cfg.request_timeout} s ({type(e).__name__})"
+                problem = f"{endpoint}: timed out after {self.cfg.server.request_timeout} s ({type(e).__name__})"
                 self._failed(ep, "retried_timeout")
                 if self.health is not None:
                     self.health()
@@ -280,11 +280,11 @@ class OpenAIGenerator:
                     if out is not None:
                         return out
                     problem = f"{endpoint}: answered 200 with a body that is not a completion: {text[:200]}"
-            if attempt < self.cfg.max_retries:
+            if attempt < self.cfg.server.max_retries:
                 backoff = min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
                 await asyncio.sleep(min(120.0, wait) if wait is not None else backoff)
         self.counts["failed"] += 1
-        raise TeacherError(f"a teacher request failed {self.cfg.max_retries + 1} times; last: {problem}. "
+        raise TeacherError(f"a teacher request failed {self.cfg.server.max_retries + 1} times; last: {problem}. "
                            "Accepted records are on disk: fix the server and re-run with --resume.")
 
     def _answered(self, ep: Endpoint, req: Request, body: dict, text: str, n: int) -> list[Completion] | None:
@@ -310,8 +310,8 @@ class OpenAIGenerator:
     def _failed(self, ep: Endpoint, what: str) -> None:
         self.counts[what] += 1
         ep.failures += 1
-        if ep.failures >= self.cfg.dead_after:
-            ep.dead_until = time.monotonic() + self.cfg.dead_cooldown
+        if ep.failures >= self.cfg.server.dead_after:
+            ep.dead_until = time.monotonic() + self.cfg.server.dead_cooldown
             ep.failures = 0
             self.counts["endpoint_taken_out"] += 1
 

