@@ -214,7 +214,8 @@ def smollm2_adapter(smollm2_dir, tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "lora", build) / "out" / "adapter"
 
 
-RECIPE_TARGET = 3  # accepted instructions (self-instruct, alpaca); evol evolves twice this many seeds once
+RECIPE_TARGET = 2  # accepted instructions (self-instruct, alpaca)
+EVOL_INPUTS = 12  # seeds evol evolves once
 
 
 def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path,
@@ -242,8 +243,8 @@ def run_recipe_on_smollm2(model_dir: Path, method: str, backend: str, out: Path,
         "teacher.engine.enable_lora": backend == "vllm",  # the module's engine has LoRA
         "generate.method": method, "generate.seed": 1, "generate.seeds": str(ROOT / "seeds"),
         "generate.out": str(out), "generate.num_instructions": RECIPE_TARGET, "generate.request_batch_size": 4,
-        "generate.evol.rounds": 1, "generate.evol.max_inputs": 4 * RECIPE_TARGET,  # SmolLM2 fails most rewrites
-        "generate.evol.batch_size": 4 * RECIPE_TARGET, "quality.scorers": ["ifd"], "quality.ifd_model": str(model_dir),
+        "generate.evol.rounds": 1, "generate.evol.max_inputs": EVOL_INPUTS,  # SmolLM2 fails most rewrites
+        "generate.evol.batch_size": EVOL_INPUTS, "quality.scorers": ["ifd"], "quality.ifd_model": str(model_dir),
         **(extra or {})})
     g = cfg.generate
     g.instruction_sampling = dataclasses.replace(g.instruction_sampling, max_tokens=160)
