@@ -2,7 +2,8 @@
 recipe's step is a set of plain functions (run.Stages); this module calls them, several steps at once, and
 gives each stage the guarantee it names:
 
-    drive(run, sch, show)   # steps until the method is done ("done") or the teacher stalls ("stalled")
+    sch = Scheduler(run, stages, done, worth, max_in_flight)   # the method's table entry (loop.RECIPES)
+    drive(sch, show)        # steps until the method is done ("done") or the teacher stalls ("stalled")
 
 Step k, in a worker thread (or in the caller's, with one step in flight):
     wait until step reads(run, k) has committed; prepare, under the run's lock
