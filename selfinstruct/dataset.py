@@ -43,7 +43,9 @@ def write_splits(split: dict[str, list[dict[str, Any]]], path: Path) -> None:
     datasets.disable_progress_bars()
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    dd.save_to_disk(str(tmp))
+    # An empty split (a run of one record has no test split) still gets its one file: without it datasets
+    # saves none and then cannot load the DatasetDict (IndexError in load_from_disk).
+    dd.save_to_disk(str(tmp), num_shards={k: 1 for k, v in split.items() if not v})
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 

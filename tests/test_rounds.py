@@ -209,10 +209,26 @@ def test_rounds_train_on_the_union_of_each_rounds_split(tmp_path):
     assert len(test) == 4 and not {str(c) for c in train} & {str(c) for c in test}
 
 
+def test_a_round_of_one_record_has_an_empty_test_split_that_loads(tmp_path):
+    """One accepted record: train 1, test 0. The empty split is saved so that it loads (datasets wrote no file
+    for it and then failed to read the DatasetDict: `run` stopped with an IndexError after round 1)."""
+    from selfinstruct.dataset import load_training_data, save_dataset
+    from selfinstruct.records import json_line
+    from selfinstruct.rounds import train_data
+
+    gen = tmp_path / "round-1" / "generate"
+    gen.mkdir(parents=True)
+    rec = {"id": "r1-1", "method": "evol:deepen", "instruction": "Name a river.", "input": "", "output": "The Nile."}
+    (gen / "generated.jsonl").write_text(json_line(rec))
+    assert save_dataset([rec], gen / "dataset", 0.1, seed=1) == {"train": 1, "test": 0}
+    assert [len(x) for x in load_training_data(gen)] == [1, 0]
+    assert [len(x) for x in load_training_data(train_data(tmp_path, 1))] == [1, 0]
+
+
 def test_adapters_vllm_cannot_serve_are_refused_up_front(tmp_path):
     from selfinstruct.config import Config
     from selfinstruct.errors import UserError
-    from selfinstruct.rounds import check_servable
+    from selfinstruct.roles import check_servable
 
     cfg = Config()
     cfg.eval.backend = "vllm"
