@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def transformers_serve(model: Path, log: Path, timeout: float = 120) -> Iterator
     cli = Path(sys.executable).with_name("transformers")
     with log.open("w") as fh:
         proc = subprocess.Popen([str(cli), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-                                 "--device", "cpu"], stdout=fh, stderr=subprocess.STDOUT)
+                                 "--device", "cpu"], stdout=fh, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its access log, line by line
     try:
         deadline = time.monotonic() + timeout
         while True:
