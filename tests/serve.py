@@ -31,28 +31,34 @@ def answers(base_url: str) -> bool:
         return False
 
 
+def _serve(model: Path, log: Path, timeout: float) -> tuple[subprocess.Popen, int]:
+    """A `transformers serve` process answering /health, and its port. A port another process took between
+    free_port and the server's bind ("address already in use") is replaced by a fresh one."""
+    cli = Path(sys.executable).with_name("transformers")
+    for _ in range(5):
+        port = free_port()
+        with log.open("w") as fh:
+            proc = subprocess.Popen([str(cli), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+                                     "--device", "cpu"], stdout=fh, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its access log, line by line
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and not answers(f"http://127.0.0.1:{port}/v1"):
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"transformers serve did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        if proc.poll() is None:
+            return proc, port
+        if "address already in use" not in log.read_text():
+            raise RuntimeError(f"transformers serve exited early:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"transformers serve found no free port:\n{log.read_text()[-3000:]}")
+
+
 @contextlib.contextmanager
 def transformers_serve(model: Path, log: Path, timeout: float = 120) -> Iterator[str]:
     """Yields the base URL (http://127.0.0.1:PORT/v1); the server is killed on exit."""
-    port = free_port()
-    cli = Path(sys.executable).with_name("transformers")
-    with log.open("w") as fh:
-        proc = subprocess.Popen([str(cli), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-                                 "--device", "cpu"], stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its access log, line by line
+    proc, port = _serve(model, log, timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited early:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
         url = f"http://127.0.0.1:{port}/v1"
         SERVERS[url] = proc
         yield url
