@@ -2,14 +2,14 @@
 
     reaper.watch()        # once a run starts processes of its own (a vLLM engine, a launched server)
 
-A run normally ends its children itself (the engine is shut down, a launched server is stopped, on success,
-on an error, on Ctrl-C, SIGTERM or SIGHUP). A run killed with SIGKILL cannot: vLLM's EngineCore and its
-workers, or a launched server and its engine, would run on. So the first time a run starts such processes
-it also starts this watcher (`python -m selfinstruct.reaper PID`), in its own session so that neither the
-terminal nor the run's death takes it along. Twice a second it notes every descendant of the run (pid and
-start time, from /proc); once the run is gone it sends each one still alive SIGTERM, then SIGKILL after
-GRACE seconds, and exits. It exits too when the run ended and left nothing. Linux only (elsewhere watch()
-does nothing).
+A run normally ends its children itself (the engine is shut down, a launched server is stopped, on success, on an
+error, on Ctrl-C, SIGTERM or SIGHUP). A run killed with SIGKILL cannot: vLLM's EngineCore and its workers (on a GPU;
+on CPU the engine runs in the run's process), or a launched server and its engine, would run on. So the first time a
+run starts such processes it also starts this watcher (`python -m selfinstruct.reaper PID`), in its own session so
+that neither the terminal nor the run's death takes it along. Twice a second it notes every descendant of the run
+(pid and start time, from /proc); once the run is gone it sends each one still alive SIGTERM, then SIGKILL after
+GRACE seconds, and exits. It exits too when the run ended and left nothing. Linux only (elsewhere watch() does
+nothing).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ structured output, and a LoRA adapter made by `selfinstruct train`. One engine s
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -37,6 +38,14 @@ def test_chat_samples_and_seeds(chat):
     other = chat.generate([dataclasses.replace(req, sampling=dataclasses.replace(req.sampling, seed=8))])[0]
     assert [c.text for c in other] != [c.text for c in first]
     assert chat.stats["tokens_out"] > 0 and chat.stats["tokens_in"] > 0
+
+
+def test_cpu_engine_runs_in_this_process(chat):
+    """On CPU the engine is this process (generators.vllm.in_process): no EngineCore or worker process."""
+    import psutil
+
+    assert not [p.name() for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::")]
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ  # processes started later keep vLLM's default
 
 
 def test_greedy_answer_is_sensible(chat):

@@ -6,6 +6,7 @@ server dies is the same for any server: test_backends.py tests it on `transforme
 seconds rather than minutes."""
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -71,12 +72,15 @@ def server_pid(log: Path) -> int:
 
 def test_sigkill_leaves_no_engine_process_and_the_run_resumes(smollm2_dir, tmp_path):
     """kill -9 of a run on the in-process engine: its EngineCore and Worker are ended by the run's watcher
-    (reaper.py) within 45 s, and --resume finishes the run. (SIGTERM, SIGINT and SIGHUP end the engine through
-    the CLI's handler: test_durability.py.)"""
+    (reaper.py) within 45 s, and --resume finishes the run. On CPU the engine runs inside the run's process
+    (generators.vllm.in_process), so the killed run here asks for vLLM's own layout, as on a GPU
+    (VLLM_ENABLE_V1_MULTIPROCESSING=1), to leave processes behind; the resume runs the CPU default. (SIGTERM,
+    SIGINT and SIGHUP end the engine through the CLI's handler: test_durability.py.)"""
     run = tmp_path / "run"
     args = ["generate", "--seeds", SEEDS, "--teacher", smollm2_dir, "--backend", "vllm", "--out", run,
             "--config", config(tmp_path)]
-    proc = subprocess.Popen(["selfinstruct", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(["selfinstruct", *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     wait_for(lambda: (run / "state.json").exists(), proc, "first checkpoint")  # the engine is generating
     engine = psutil.Process(proc.pid).children(recursive=True)
     assert len(engine) >= 2, "vLLM started no engine process"
