@@ -104,10 +104,11 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     return done
 
 
-def trained(tmp_path_factory, tokenizer, name: str, examples, steps: int, hidden: int = 96, seed: int = 0) -> Path:
+def trained(tmp_path_factory, tokenizer, name: str, examples, steps: int, hidden: int = 96, seed: int = 0,
+            lr: float = 5e-3) -> Path:
     def build(d: Path) -> None:
         model = tiny.build_model(tokenizer, hidden=hidden, layers=2, seed=seed)
-        tiny.finetune(model, tokenizer, examples, steps=steps, batch=8, lr=5e-3)
+        tiny.finetune(model, tokenizer, examples, steps=steps, batch=8, lr=lr)
         tiny.save(model, tokenizer, d)
 
     return built_once(tmp_path_factory, name, build)
@@ -115,8 +116,11 @@ def trained(tmp_path_factory, tokenizer, name: str, examples, steps: int, hidden
 
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, tokenizer) -> Path:
-    """A tiny Llama fine-tuned for ~15 s on well-formed answers to our Self-Instruct prompts."""
-    return trained(tmp_path_factory, tokenizer, "teacher", tiny.teacher_examples(), steps=200)
+    """A tiny Llama fine-tuned for ~30 s on well-formed answers to our Self-Instruct prompts. At lr 5e-3 it
+    ended at a loss of 1.0 to 1.2 and, from one random init on an AVX-512 machine, answered the instruction
+    prompt with the classification prompt's "No" (two tests failed there and passed elsewhere); at 3e-3 it
+    ends near 0.7 and continues the list from each of four inits."""
+    return trained(tmp_path_factory, tokenizer, "teacher", tiny.teacher_examples(), steps=200, lr=3e-3)
 
 
 @pytest.fixture(scope="session")

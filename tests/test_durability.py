@@ -43,11 +43,16 @@ def wait_for(pred, proc, timeout=180) -> bool:
 def test_sigkill_at_random_moments_then_resume(teacher_dir, fast_config, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    target = 8  # the tiny teacher runs out of new instructions (ROUGE-L, copies of demos) not far above 9
+    target = 8
+    # The tiny teacher's instructions come from a small grammar: at the paper's ROUGE-L 0.7 it ran out of new
+    # ones at 6 to 9 accepted, depending on the machine's float arithmetic. What is tested here is what a kill
+    # leaves on disk, so the pool's threshold is looser.
+    cfg = tmp_path / "loose.yaml"
+    cfg.write_text(fast_config.read_text() + "filters:\n  rouge_threshold: 0.9\n")
     rng = random.Random(1)
     with transformers_serve(teacher_dir, tmp_path / "serve.log") as url:
         args = ["generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--backend", "openai",
-                "--base-url", url, "--num-instructions", target, "--out", run, "--config", fast_config]
+                "--base-url", url, "--num-instructions", target, "--out", run, "--config", cfg]
         seen: dict[str, dict] = {}  # every record that was on disk at some kill
         kills = 0
         for attempt in range(4):
