@@ -136,10 +136,11 @@ def server_env(command: list[str]) -> dict[str, str]:
     the waiting side spinning on it (`generators.vllm.in_process` avoids the same cost in process). Measured
     with SmolLM2 on the 2-core machine: up in 47 s against 79, and 8 x 128 tokens in 5.5 s and 10.6
     CPU-seconds against 8.5 s and 16.5."""
+    from selfinstruct.generators.vllm import MULTIPROCESSING
+
     env = dict(os.environ)
-    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
-    if cpu_build() and "vllm.entrypoints.openai.api_server" in command and key not in env:
-        env[key] = "0"
+    if cpu_build() and "vllm.entrypoints.openai.api_server" in command:
+        env.setdefault(MULTIPROCESSING, "0")
     return env
 
 

@@ -90,6 +90,10 @@ def engine_kwargs(cfg: TeacherConfig, cuda: bool = True) -> dict[str, Any]:
     return kw
 
 
+# vLLM's switch between its multiprocess layout ("1", its default) and one process; also read by launch.py.
+MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
 @contextlib.contextmanager
 def in_process(cpu: bool) -> Iterator[None]:
     """On CPU the engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` while it starts, unless the
@@ -98,15 +102,14 @@ def in_process(cpu: bool) -> Iterator[None]:
     the worker it waits for, and the two processes' imports add 25 s or more to every start. Measured on
     SmolLM2 on 2 busy cores: 8 x 128 tokens used 24 CPU-seconds across the two processes and 13 in process,
     in the same wall time; the engine was up in 23 s against 60. With CUDA, vLLM's default stays."""
-    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
-    if not cpu or key in os.environ:
+    if not cpu or MULTIPROCESSING in os.environ:
         yield
         return
-    os.environ[key] = "0"
+    os.environ[MULTIPROCESSING] = "0"
     try:
         yield
     finally:
-        os.environ.pop(key, None)  # processes this one starts later (a launched server) keep vLLM's default
+        os.environ.pop(MULTIPROCESSING, None)  # processes this one starts later (a launched server) keep vLLM's default
 
 
 def engine(cfg: TeacherConfig) -> Any:
