@@ -18,7 +18,7 @@ from selfinstruct.prompts import Prompts
 from selfinstruct.seeds import load_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
-# The tiny teachers learn the prompts of tests/data/prompts (short instance prompts: they train in seconds),
+# The tiny teachers learn the prompts of tests/data/prompts (short instance and Alpaca prompts: they train in seconds),
 # and the tests that use them run with generate.prompts_dir set to it; every other prompt is ours.
 TEST_PROMPTS = ROOT / "tests" / "data" / "prompts"
 render = Prompts(TEST_PROMPTS).render
@@ -114,7 +114,7 @@ def teacher_examples(n_each: int = 120, seed: int = 0) -> list[tuple[str, str]]:
 
 
 def alpaca_examples(n: int = 160, seed: int = 0) -> list[tuple[str, str]]:
-    """(prompt, ideal answer) pairs for the Alpaca prompt: the list continued from item 4."""
+    """(prompt, ideal answer) pairs for the tests' Alpaca prompt: the list continued from item 4."""
     rng = random.Random(seed)
     seeds = load_tasks(ROOT / "seeds")
     out = []
