@@ -48,6 +48,27 @@ def test_cpu_engine_runs_in_this_process(chat):
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ  # processes started later keep vLLM's default
 
 
+def test_cpu_worker_thread_warning_is_dropped(chat):
+    """In process, vLLM's CPU worker has replaced torch.set_num_threads with a no-op that warns on every call;
+    the warning is dropped (generators.vllm.in_process), the no-op stays vLLM's."""
+    import logging
+
+    import torch
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # a logger's filters run before its handlers: a dropped record never gets here
+    worker_log = logging.getLogger("vllm.v1.worker.cpu_worker")
+    worker_log.addHandler(handler)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(before + 1)
+    finally:
+        worker_log.removeHandler(handler)
+    assert torch.get_num_threads() == before  # still vLLM's no-op: this test is about the message only
+    assert not seen
+
+
 def test_greedy_answer_is_sensible(chat):
     out = chat.generate([Request("What is the capital of France? Answer in one word.",
                                  Sampling(temperature=0.0, max_tokens=16))])[0][0]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import os
 import threading
 import time
@@ -94,6 +95,14 @@ def engine_kwargs(cfg: TeacherConfig, cuda: bool = True) -> dict[str, Any]:
 MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
+class _QuietWorker(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`torch.set_num_threads` after the thread binding" not in record.getMessage()
+
+
+_QUIET_WORKER = _QuietWorker()
+
+
 @contextlib.contextmanager
 def in_process(cpu: bool) -> Iterator[None]:
     """On CPU the engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0` while it starts, unless the
@@ -101,7 +110,14 @@ def in_process(cpu: bool) -> Iterator[None]:
     over through shared memory, the reader spinning on it: on a CPU machine that spin takes a core's share from
     the worker it waits for, and the two processes' imports add 25 s or more to every start. Measured on
     SmolLM2 on 2 busy cores: 8 x 128 tokens used 24 CPU-seconds across the two processes and 13 in process,
-    in the same wall time; the engine was up in 23 s against 60. With CUDA, vLLM's default stays."""
+    in the same wall time; the engine was up in 23 s against 60. With CUDA, vLLM's default stays.
+
+    vLLM's CPU worker pins its threads and replaces `torch.set_num_threads` with a function that only logs
+    "CPU backend doesn't allow to use `torch.set_num_threads`": in this process that warning then came with
+    every later call in this process, five times in a generate run. The thread count stays where
+    vLLM set it either way, so the line is dropped (`_QUIET_WORKER`)."""
+    if cpu:
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_QUIET_WORKER)  # a filter added twice counts once
     if not cpu or MULTIPROCESSING in os.environ:
         yield
         return
