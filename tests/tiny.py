@@ -84,7 +84,7 @@ def build_model(tok: PreTrainedTokenizerFast, hidden: int = 64, layers: int = 2,
 
 
 def save(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, path: Path) -> Path:
-    # As chat models ship: `transformers serve` samples only when the model's generation config says so and
+    # As many chat models ship: `transformers serve` samples only when the model's generation config says so and
     # otherwise decodes greedily whatever temperature a request sends (transformers 5.19); greedy, the tiny
     # Self-Instruct teacher wrote "Create a simple plan about a busy market." 300 times in one served run.
     model.generation_config.do_sample = True
