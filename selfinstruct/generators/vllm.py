@@ -95,12 +95,11 @@ def engine_kwargs(cfg: TeacherConfig, cuda: bool = True) -> dict[str, Any]:
 MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
-class _QuietWorker(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`torch.set_num_threads` after the thread binding" not in record.getMessage()
-
-
-_QUIET_WORKER = _QuietWorker()
+def _not_thread_warning(record: logging.LogRecord) -> bool:
+    """vLLM's CPU worker pins its threads and replaces `torch.set_num_threads` with a function that only logs
+    "CPU backend doesn't allow to use `torch.set_num_threads`"; with the engine in this process every later call
+    logged it (five times in a generate run). The thread count stays vLLM's either way, so the line is dropped."""
+    return "`torch.set_num_threads` after the thread binding" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -110,14 +109,9 @@ def in_process(cpu: bool) -> Iterator[None]:
     over through shared memory, the reader spinning on it: on a CPU machine that spin takes a core's share from
     the worker it waits for, and the two processes' imports add 25 s or more to every start. Measured on
     SmolLM2 on 2 busy cores: 8 x 128 tokens used 24 CPU-seconds across the two processes and 13 in process,
-    in the same wall time; the engine was up in 23 s against 60. With CUDA, vLLM's default stays.
-
-    vLLM's CPU worker pins its threads and replaces `torch.set_num_threads` with a function that only logs
-    "CPU backend doesn't allow to use `torch.set_num_threads`": in this process that warning then came with
-    every later call in this process, five times in a generate run. The thread count stays where
-    vLLM set it either way, so the line is dropped (`_QUIET_WORKER`)."""
+    in the same wall time; the engine was up in 23 s against 60. With CUDA, vLLM's default stays."""
     if cpu:
-        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_QUIET_WORKER)  # a filter added twice counts once
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_not_thread_warning)  # added twice counts once
     if not cpu or MULTIPROCESSING in os.environ:
         yield
         return
