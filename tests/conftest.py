@@ -63,7 +63,7 @@ MODEL_FIXTURES = {"teacher_dir", "alpaca_teacher_dir", "evol_teacher_dir", "judg
 # The modules that run the real model for minutes go first: pytest-xdist (`-n 2 --dist loadfile
 # --no-loadscope-reorder`, pyproject.toml) hands out whole modules in this order, so the long ones start at once
 # and the many short ones fill in around them, instead of a long module starting last and running alone.
-LONG_FIRST = ["test_vllm_processes.py", "test_vllm.py", "test_smollm2_recipes.py"]
+LONG_FIRST = ["test_vllm_processes.py", "test_vllm.py"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -159,10 +159,47 @@ def fast_config(tmp_path) -> Path:
     return path
 
 
-def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
-    """Run the installed console script like a user would; returns the CompletedProcess."""
-    return subprocess.run(["selfinstruct", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600,
+        process: bool = False) -> subprocess.CompletedProcess:
+    """`selfinstruct ARGS` as a user runs it; returns the CompletedProcess (exit code, stdout, stderr).
+
+    By default in this process: `selfinstruct.cli.main` with `env` set, `cwd` entered and stdout/stderr
+    captured, each restored afterwards. A process of its own costs a second or more of imports before it does
+    anything (torch, transformers: 8 s of CPU on a slow 2-core machine, trl and vLLM more) and the suite makes
+    dozens. `process=True` runs the installed console script instead: for what only a process shows (signals,
+    kill -9, the vLLM engine's processes and log lines, settings libraries read once at import, such as
+    huggingface_hub's HF_HUB_OFFLINE and HF_ENDPOINT) and for runs on the vLLM engine (the CLI ends the process's
+    engine when it returns, which a module's shared engine must survive). `timeout`
+    guards a process only."""
+    if process:
+        return subprocess.run(["selfinstruct", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                              env={**os.environ, **(env or {})}, timeout=timeout)
+    import contextlib
+    import io
+
+    from selfinstruct.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    sys.argv = ["selfinstruct", *argv]  # what a run's manifest records as its command
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse: --help, usage errors
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["selfinstruct", *argv], code, out.getvalue(), err.getvalue())
 
 
 CACHE = ROOT / ".cache"  # git-ignored: the downloaded wheel's GGUF and its conversion, kept between sessions

@@ -133,10 +133,11 @@ class FakeHub:
 def test_push_to_hub_never_publishes_into_a_public_repo_unasked(run):
     with FakeHub() as hub:
         env = {"HF_HUB_OFFLINE": "0", "HF_TOKEN": SECRET, "HF_ENDPOINT": hub.url}
-        r = cli("export", run, "--format", "chat", "--push-to-hub", "someone/public", env=env)
+        r = cli("export", run, "--format", "chat", "--push-to-hub", "someone/public", env=env,
+                process=True)  # huggingface_hub reads HF_HUB_OFFLINE and HF_ENDPOINT when imported
         assert r.returncode == 2 and "exists and is public" in r.stderr and "--public" in r.stderr
         for repo, flags in (("someone/public", ["--public"]), ("someone/new", [])):  # the check lets these through
-            r = cli("export", run, "--format", "chat", "--push-to-hub", repo, *flags, env=env)
+            r = cli("export", run, "--format", "chat", "--push-to-hub", repo, *flags, env=env, process=True)
             assert r.returncode == 1 and "push to the hub failed" in r.stderr and SECRET not in r.stderr
 
 

@@ -1,6 +1,6 @@
 """Quality end to end: `selfinstruct score` on a file it has never seen (SmolLM2-135M-Instruct as IFD model and
 judge), the keep_top selection in a generate run (and a crash inside it), decontamination in `run`, and the
-refusals. The recipes' copy checks on SmolLM2 are in test_smollm2_recipes.py and test_vllm.py."""
+refusals. The recipes' copy checks on SmolLM2 are in test_vllm.py."""
 
 import json
 

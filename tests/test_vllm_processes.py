@@ -92,7 +92,7 @@ def test_sigkill_leaves_no_engine_process_and_the_run_resumes(smollm2_dir, tmp_p
     before = read_jsonl(run / "generated.jsonl")
     assert state["step"] >= 1
 
-    r = cli(*args, "--resume")
+    r = cli(*args, "--resume", process=True)
     assert r.returncode == 0, r.stderr
     records = read_jsonl(run / "generated.jsonl")
     assert records[: len(before)] == before and len({x["id"] for x in records}) == len(records)
@@ -107,7 +107,7 @@ def test_launch_serves_a_student_adapter_loaded_at_runtime(smollm2_dir, smollm2_
     cfg = config(tmp_path, cmd, lora_path=str(smollm2_adapter))
     run = tmp_path / "run"
     r = cli("generate", "--seeds", SEEDS, "--teacher", smollm2_dir, "--launch", "--out", run, "--config", cfg,
-            env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+            env={"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}, process=True)
     assert r.returncode == 0, r.stderr
     log = run / "teacher-server.log"
     text = log.read_text()
@@ -135,7 +135,7 @@ generate:
 train: {epochs: 1, batch_size: 4, max_length: 384, logging_steps: 1, lora_r: 8}
 eval:
   backend: vllm
-  max_items: 4
+  max_items: 2
   response_sampling: {temperature: 0.0, max_tokens: 48}
   judge_sampling: {temperature: 0.0, max_tokens: 8}
   max_unparsed_share: 1.0   # SmolLM2 rarely writes [[A]] as asked; the share is reported, not fatal here
@@ -152,8 +152,9 @@ def test_two_rounds_on_smollm2_with_the_student_generating_on_vllm(smollm2_dir, 
     cfg.write_text(ROUNDS)
     out = tmp_path / "run"
     # the repo's 65 seed tasks (evol takes a seeded 16): plain_tasks.jsonl's six gave SmolLM2 too few tries
+    # a process: its stderr holds vLLM's log lines. The timeout is a guard only (~3 min on a quiet machine).
     r = cli("run", "--seeds", ROOT / "seeds", "--teacher", smollm2_dir, "--student", smollm2_dir, "--heldout",
-            ROOT / "heldout", "--out", out, "--config", cfg, timeout=1800)  # a guard only: ~3 min on a quiet machine
+            ROOT / "heldout", "--out", out, "--config", cfg, timeout=1800, process=True)
     assert r.returncode == 0, r.stderr[-5000:]
     assert r.stderr.count("starting vLLM (CPU build)") == 1  # one engine for the whole run
     s1 = json.loads((out / "round-1" / "generate" / "stats.json").read_text())
@@ -163,4 +164,4 @@ def test_two_rounds_on_smollm2_with_the_student_generating_on_vllm(smollm2_dir, 
     report = json.loads((out / "report.json").read_text())
     assert [row["round"] for row in report["rounds"]] == [1, 2] and report["base_heldout_loss"] > 0
     for row in report["rounds"]:
-        assert row["vs_base"]["n"] + row["vs_base"]["unjudged"] == 4 and row["heldout_loss"] > 0
+        assert row["vs_base"]["n"] + row["vs_base"]["unjudged"] == 2 and row["heldout_loss"] > 0
