@@ -179,6 +179,9 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: i
 
     from selfinstruct.cli import main
 
+    engine = getattr(sys.modules.get("selfinstruct.generators.vllm"), "_ENGINE", None)
+    assert not engine, "a vLLM engine runs in this process and the CLI would end it: cli(..., process=True)"
+
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
@@ -251,7 +254,8 @@ def smollm2_adapter(smollm2_dir, tmp_path_factory) -> Path:
         (d / "train.yaml").write_text("train:\n  epochs: 4\n  batch_size: 4\n  learning_rate: 0.003\n"
                                       "  max_length: 96\n  logging_steps: 1\n  lora_r: 8\n")
         r = cli("train", "--data", d / "data.jsonl", "--student", smollm2_dir, "--out", d / "out", "--config",
-                d / "train.yaml", env={"XDG_CACHE_HOME": str(d / "xdg")})
+                d / "train.yaml", env={"XDG_CACHE_HOME": str(d / "xdg")},
+                process=True)  # the first to ask may be test_vllm.py, whose engine the CLI would end in process
         assert r.returncode == 0, r.stderr
 
     return built_once(tmp_path_factory, "lora", build) / "out" / "adapter"
