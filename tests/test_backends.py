@@ -32,16 +32,21 @@ def posts(log: Path) -> int:
     return log.read_text().count(POSTS)
 
 
-def settled_posts(logs: list[Path]) -> int:
-    """Requests the servers logged, once their logs stop growing: a server writes a request's access line after
-    its response, so a client can finish before the last lines are written (seen on a loaded machine)."""
-    count, last_change = sum(map(posts, logs)), time.monotonic()
+def settled(count_lines) -> int:
+    """`count_lines()` once it stops growing for 2 s: a server writes a request's access line after its
+    response, so a client can finish before the last lines are written (seen on a loaded machine)."""
+    count, last_change = count_lines(), time.monotonic()
     while time.monotonic() - last_change < 2:
         time.sleep(0.2)
-        now = sum(map(posts, logs))
+        now = count_lines()
         if now != count:
             count, last_change = now, time.monotonic()
     return count
+
+
+def settled_posts(logs: list[Path]) -> int:
+    """Requests the servers logged, once their logs stop growing."""
+    return settled(lambda: sum(map(posts, logs)))
 
 
 def generate_args(teacher, run, config, *urls):
@@ -50,6 +55,16 @@ def generate_args(teacher, run, config, *urls):
     for u in urls:
         args += ["--base-url", u]
     return args
+
+
+@pytest.fixture(scope="module")
+def served(teacher_dir, tmp_path_factory):
+    """One `transformers serve` of the tiny teacher for the module's tests that need a server and nothing of
+    their own from it (a start costs 15 s or more on a busy machine): (url, its log). Tests that stop, kill or
+    count the servers they use start their own."""
+    log = tmp_path_factory.mktemp("served") / "s.log"
+    with transformers_serve(teacher_dir, log) as url:
+        yield url, log
 
 
 # ---------------------------------------------------------------- cache
@@ -160,16 +175,17 @@ def test_two_servers_spread_failover_and_cache(teacher_dir, fast_config, tmp_pat
 
 
 @pytest.mark.slow
-def test_faults_are_retried_and_counted(teacher_dir, fast_config, tmp_path):
+def test_faults_are_retried_and_counted(teacher_dir, served, fast_config, tmp_path):
     cfg = tmp_path / "faulty.yaml"
     # The timeout only has to end the injected hangs (which never answer); an honest answer slower than it
     # on a busy machine is counted by the proxy as abandoned, so the counts below hold at any speed.
     cfg.write_text(fast_config.read_text() + "teacher:\n  request_timeout: 8\n  max_retries: 8\n"
                    "  dead_after: 100\n")
-    with transformers_serve(teacher_dir, tmp_path / "s.log") as url, \
-            FaultyProxy(url, every_hang=11, every_garbage=6) as proxy:
+    with FaultyProxy(served[0], every_hang=11, every_garbage=6) as proxy:
         run = tmp_path / "run"
-        r = cli(*generate_args(teacher_dir, run, cfg, proxy.url))
+        # a process: the proxy answers from this process's threads, and a run beside it would share its GIL (in
+        # process, the proxy once counted 8 timeouts where the client retried 6 and cancelled none)
+        r = cli(*generate_args(teacher_dir, run, cfg, proxy.url), process=True)
         assert r.returncode == 0, r.stderr
     calls = json.loads((run / "stats.json").read_text())["teacher_calls"]
     assert proxy.faults["429"] and proxy.faults["500"] and proxy.faults["hang"] and proxy.faults["garbage"]
@@ -190,16 +206,15 @@ def test_faults_are_retried_and_counted(teacher_dir, fast_config, tmp_path):
     assert len({r["instruction"] for r in check}) == 3
 
 
-def test_dead_endpoint_clear_message_then_resume(teacher_dir, fast_config, tmp_path):
+def test_dead_endpoint_clear_message_then_resume(teacher_dir, served, fast_config, tmp_path):
     cfg = tmp_path / "dead.yaml"
     cfg.write_text(fast_config.read_text() + "teacher:\n  max_retries: 2\n  dead_cooldown: 0.2\n")
     run = tmp_path / "run"
     r = cli(*generate_args(teacher_dir, run, cfg, f"http://127.0.0.1:{free_port()}/v1"))
     assert r.returncode == 1
     assert "failed 3 times" in r.stderr and "ConnectError" in r.stderr and "--resume" in r.stderr
-    with transformers_serve(teacher_dir, tmp_path / "s.log") as url:
-        r = cli(*generate_args(teacher_dir, run, cfg, url), "--resume")
-        assert r.returncode == 0, r.stderr
+    r = cli(*generate_args(teacher_dir, run, cfg, served[0]), "--resume")  # a server is up now
+    assert r.returncode == 0, r.stderr
     assert json.loads((run / "stats.json").read_text())["accepted_instructions"] == 3
 
 
@@ -388,9 +403,9 @@ def test_vllm_outputs_to_completions():
         .finish_reason == "length"
 
 
-def test_response_format_fallback(teacher_dir, tmp_path):
-    with transformers_serve(teacher_dir, tmp_path / "s.log") as url, \
-            FaultyProxy(url, every_429=10**9, every_500=10**9, every_hang=10**9, reject_response_format=True) as proxy:
+def test_response_format_fallback(teacher_dir, served):
+    with FaultyProxy(served[0], every_429=10**9, every_500=10**9, every_hang=10**9,
+                     reject_response_format=True) as proxy:
         t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None,
                                           server=ServerConfig(base_urls=[proxy.url])))
         schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
@@ -404,7 +419,7 @@ def test_response_format_fallback(teacher_dir, tmp_path):
     assert t.stats["sent"] == t.stats["ok"] + t.stats["retried_4xx_response_format"]
 
 
-def test_server_refusing_runtime_lora_is_a_clear_error(teacher_dir, tmp_path):
+def test_server_refusing_runtime_lora_is_a_clear_error(teacher_dir, served, tmp_path):
     """A server without runtime LoRA loading (no --enable-lora, or VLLM_ALLOW_RUNTIME_LORA_UPDATING unset)
     answers 404 to /v1/load_lora_adapter: the run ends with a message saying what the server needs. (The
     working path is tested against a real vLLM server in test_vllm_processes.py.)"""
@@ -416,8 +431,7 @@ def test_server_refusing_runtime_lora_is_a_clear_error(teacher_dir, tmp_path):
         .save_pretrained(adapter)
     quiet = {"every_429": 10**9, "every_500": 10**9, "every_hang": 10**9}
     req = Request("Write a haiku about tea.", Sampling(max_tokens=8))
-    with transformers_serve(teacher_dir, tmp_path / "s.log") as url, \
-            FaultyProxy(url, refuse_lora=True, **quiet) as proxy:
+    with FaultyProxy(served[0], refuse_lora=True, **quiet) as proxy:
         t = make_generator(TeacherConfig(backend="openai", model=str(teacher_dir), lora_path=str(adapter), cache=None,
                                          server=ServerConfig(base_urls=[proxy.url])))
         try:
@@ -432,9 +446,10 @@ def test_server_refusing_runtime_lora_is_a_clear_error(teacher_dir, tmp_path):
 QUIET = {"every_429": 10**9, "every_500": 10**9, "every_hang": 10**9}
 
 
-def test_failing_endpoint_leaves_rotation_and_comes_back(teacher_dir, tmp_path):
+def test_failing_endpoint_leaves_rotation_and_comes_back(teacher_dir, served):
     req = [Request(f"Task {i}:", Sampling(temperature=0, max_tokens=4)) for i in range(6)]
-    with transformers_serve(teacher_dir, tmp_path / "s.log") as url, FaultyProxy(url, **QUIET) as flaky:
+    url = served[0]
+    with FaultyProxy(url, **QUIET) as flaky:
         flaky.down = True
         t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None,
                                           server=ServerConfig(base_urls=[flaky.url, url], dead_after=2,
@@ -454,9 +469,9 @@ def test_failing_endpoint_leaves_rotation_and_comes_back(teacher_dir, tmp_path):
             t.close()
 
 
-def test_api_key_is_sent_as_bearer_header(teacher_dir, tmp_path, monkeypatch):
+def test_api_key_is_sent_as_bearer_header(teacher_dir, served, monkeypatch):
     monkeypatch.setenv("MY_TEACHER_KEY", "sk-abc123")
-    with transformers_serve(teacher_dir, tmp_path / "s.log") as url, FaultyProxy(url, **QUIET) as proxy:
+    with FaultyProxy(served[0], **QUIET) as proxy:
         t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None,
                                           server=ServerConfig(base_urls=[proxy.url], api_key_env="MY_TEACHER_KEY")))
         t.generate([Request("Say hi.", Sampling(temperature=0, max_tokens=3))])
@@ -469,12 +484,11 @@ def test_api_key_is_sent_as_bearer_header(teacher_dir, tmp_path, monkeypatch):
     assert proxy.auth == ["Bearer sk-abc123", None]  # no key, no header
 
 
-def test_retry_after_is_honoured_in_the_retry_loop(teacher_dir, tmp_path):
+def test_retry_after_is_honoured_in_the_retry_loop(teacher_dir, served):
     """Every 2nd request gets 429 with Retry-After: 2 s; the client's own backoff for a first retry is at most
     0.75 s, so each retry arriving at least ~2 s after its 429 shows the header was obeyed. (A lower bound:
     a busy machine can only make the retry later, never earlier.)"""
-    with transformers_serve(teacher_dir, tmp_path / "s2.log") as url, \
-            FaultyProxy(url, every_429=2, every_500=10**9, every_hang=10**9, retry_after=2.0) as proxy:
+    with FaultyProxy(served[0], every_429=2, every_500=10**9, every_hang=10**9, retry_after=2.0) as proxy:
         t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None,
                                           server=ServerConfig(base_urls=[proxy.url], max_concurrency=1)))
         for i in range(2):
@@ -512,20 +526,21 @@ def test_launch_server_that_exits_early_or_never_gets_healthy(fast_config, tmp_p
     assert not answers(f"http://127.0.0.1:{port}/v1") and not answers_at(int(port))  # and it was stopped
 
 
-def test_prefill_and_choice_fall_back_on_a_server_without_them(teacher_dir, tmp_path):
+def test_prefill_and_choice_fall_back_on_a_server_without_them(teacher_dir, served):
     """transformers serve answers 422 to vLLM's continue_final_message and structured_outputs fields: the
     request goes again without them (once per server), and the reply is parsed as free text."""
-    log = tmp_path / "s.log"
-    with transformers_serve(teacher_dir, log) as url:
-        t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None, server=ServerConfig(base_urls=[url])))
-        prompt = "Task: Write a short poem about the ocean."
-        reqs = [Request(prompt, Sampling(temperature=0, max_tokens=12), prefill="Example 1\nInput:"),
-                Request("Is it classification?", Sampling(temperature=0, max_tokens=3), choices=("Yes", "No"))]
-        first = t.generate(reqs[:1]) + t.generate(reqs[1:])
-        again = t.generate(reqs)
-        t.close()
+    url, log = served
+    refused_before = settled(lambda: log.read_text().count("422"))  # the module's server logs other tests' too
+    t = OpenAIGenerator(TeacherConfig(model=str(teacher_dir), cache=None, server=ServerConfig(base_urls=[url])))
+    prompt = "Task: Write a short poem about the ocean."
+    reqs = [Request(prompt, Sampling(temperature=0, max_tokens=12), prefill="Example 1\nInput:"),
+            Request("Is it classification?", Sampling(temperature=0, max_tokens=3), choices=("Yes", "No"))]
+    first = t.generate(reqs[:1]) + t.generate(reqs[1:])
+    again = t.generate(reqs)
+    t.close()
     assert all(o[0].text for o in first + again)
     assert not first[0][0].text.startswith("Example 1\nInput:")  # not continued: nothing was prefilled
     assert t.stats["fallback_continue_final_message"] == 1 and t.stats["fallback_structured_outputs"] == 1
-    assert log.read_text().count("422") == 2  # each field was refused once, then never sent again
+    # each field was refused once, then never sent again (a server logs a request after answering it)
+    assert settled(lambda: log.read_text().count("422")) - refused_before == 2
     assert t.endpoints[0].rejects_prefill and t.endpoints[0].rejects_structured_outputs

@@ -43,12 +43,16 @@ def wait_for(pred, proc, timeout=180) -> bool:
 def test_sigkill_at_random_moments_then_resume(teacher_dir, fast_config, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    target = 8
+    target = 6
     # The tiny teacher's instructions come from a small grammar: at the paper's ROUGE-L 0.7 it ran out of new
-    # ones at 6 to 9 accepted, depending on the machine's float arithmetic. What is tested here is what a kill
-    # leaves on disk, so the pool's threshold is looser.
+    # ones at 6 to 9 accepted, depending on the machine's float arithmetic, and the more it has accepted, the
+    # more of its instances repeat an accepted one (shared_instance): at 8, two runs of the suite stalled at 7
+    # (200 requests without an acceptance, one free place). What is tested here is what a kill leaves on disk,
+    # so the pool's threshold is looser, the target lower and the stall limit higher.
     cfg = tmp_path / "loose.yaml"
-    cfg.write_text(fast_config.read_text() + "filters:\n  rouge_threshold: 0.9\n")
+    cfg.write_text(fast_config.read_text().replace("max_stalled_requests: 200", "max_stalled_requests: 600")
+                   + "filters:\n  rouge_threshold: 0.9\n")
+    assert "max_stalled_requests: 600" in cfg.read_text()
     rng = random.Random(1)
     with transformers_serve(teacher_dir, tmp_path / "serve.log") as url:
         args = ["generate", "--seeds", ROOT / "seeds", "--teacher", teacher_dir, "--backend", "openai",
