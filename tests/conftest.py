@@ -171,9 +171,10 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: i
     huggingface_hub's HF_HUB_OFFLINE and HF_ENDPOINT) and for runs on the vLLM engine (the CLI ends the process's
     engine when it returns, which a module's shared engine must survive). `timeout`
     guards a process only."""
+    argv = ["selfinstruct", *map(str, args)]
     if process:
-        return subprocess.run(["selfinstruct", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                              env={**os.environ, **(env or {})}, timeout=timeout)
+        return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})},
+                              timeout=timeout)
     import contextlib
     import io
 
@@ -182,17 +183,16 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: i
     engine = getattr(sys.modules.get("selfinstruct.generators.vllm"), "_ENGINE", None)
     assert not engine, "a vLLM engine runs in this process and the CLI would end it: cli(..., process=True)"
 
-    argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
     os.environ.update({k: str(v) for k, v in (env or {}).items()})
-    sys.argv = ["selfinstruct", *argv]  # what a run's manifest records as its command
+    sys.argv = argv  # what a run's manifest records as its command
     try:
         if cwd is not None:
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = main(argv)
+                code = main(argv[1:])
             except SystemExit as e:  # argparse: --help, usage errors
                 if isinstance(e.code, str):
                     print(e.code, file=sys.stderr)
@@ -202,7 +202,7 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: i
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
-    return subprocess.CompletedProcess(["selfinstruct", *argv], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 CACHE = ROOT / ".cache"  # git-ignored: the downloaded wheel's GGUF and its conversion, kept between sessions
