@@ -133,8 +133,7 @@ def _parse_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         lines = _toml_key_lines(text)
     elif path.suffix in (".yaml", ".yml"):
         try:
-            node = yaml.compose(text)
-            data = yaml.safe_load(text)
+            node, data = _load_yaml(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             raise UserError(f"invalid YAML: {getattr(e, 'problem', e)}", path,
@@ -149,6 +148,21 @@ def _parse_file(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
                         "rounds, quality)", path, 1)
     _move_flat_keys(data, lines)
     return data, lines
+
+
+# libyaml's parser where PyYAML was built with it (as its wheels are): the pure-Python one took a second on a
+# config nested a thousand deep before its RecursionError; libyaml refuses that depth at once, as a YAMLError.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _load_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """The document's node tree (for the keys' line numbers) and its data, from one parse."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return node, (loader.construct_document(node) if node is not None else None)
+    finally:
+        loader.dispose()
 
 
 def _yaml_key_lines(node: yaml.Node, prefix: str) -> dict[str, int]:
