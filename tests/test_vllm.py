@@ -189,3 +189,36 @@ def test_judge_verdicts_are_choices(chat, tmp_path):
     w = compare(Config(eval=EvalConfig()), chat, items, ["Paris.", "Red."], ["Bananas.", "Trains."], "vs_base",
                 tmp_path / "j.jsonl")
     assert w["unparsed_verdicts"] == 0 and w["verdict_mode"] == "choice" and w["n"] == 2
+
+
+def test_cpu_lora_ops_compute_what_vllms_compute(chat, monkeypatch):
+    """generators.cpu_lora's grouped ops against vLLM's own (a fresh copy of its module: the engine's start put
+    ours in place): one adapter, several, the base model's -1, 4-d weights, every op's options."""
+    import importlib.util
+
+    import torch
+    from vllm.lora.ops.torch_ops import lora_ops
+
+    from selfinstruct.generators import cpu_lora
+
+    assert lora_ops.bgmv_expand is cpu_lora.bgmv_expand  # the module's engine has LoRA: installed at its start
+    spec = importlib.util.spec_from_file_location("vllm_lora_ops_original", lora_ops.__file__)
+    original = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(original)
+    g = torch.Generator().manual_seed(0)
+    for indices in ([0] * 7, [1, 0, 1, 1, -1, 0, 2], [-1] * 7, [2]):
+        idx = torch.tensor(indices)
+        rows = len(indices)
+        x = torch.randn(rows, 24, generator=g)
+        for weights in (torch.randn(3, 16, 24, generator=g), torch.randn(3, 1, 16, 24, generator=g)):
+            for name, args in (("bgmv_shrink", (0.5,)), ("bgmv_expand", (True,)), ("bgmv_expand", (False,)),
+                               ("bgmv_expand_slice", (4, 16, True)), ("bgmv_expand_slice", (4, 16, False))):
+                width = 24 if name == "bgmv_expand_slice" else 16
+                start = torch.randn(rows if rows > 1 else 3, width, generator=g)
+                want, got = start.clone(), start.clone()
+                getattr(original, name)(x, weights, want, idx, *args)
+                getattr(cpu_lora, name)(x, weights, got, idx, *args)
+                torch.testing.assert_close(got, want, msg=f"{name}{args} at {indices}")
+    assert cpu_lora.install() == "already"
+    monkeypatch.setattr(lora_ops, "bgmv_expand", lambda inputs, weights: None)  # a vLLM whose op changed
+    assert cpu_lora.install().startswith("not installed: vLLM's bgmv_expand is not")
