@@ -74,8 +74,7 @@ def test_sigkill_leaves_no_engine_process_and_the_run_resumes(smollm2_dir, tmp_p
     """kill -9 of a run on the in-process engine: its EngineCore and Worker are ended by the run's watcher
     (reaper.py) within 45 s, and --resume finishes the run. On CPU the engine runs inside the run's process
     (generators.vllm.in_process), so the killed run here asks for vLLM's own layout, as on a GPU
-    (VLLM_ENABLE_V1_MULTIPROCESSING=1), to leave processes behind; the resume runs the CPU default, in the test's
-    process. (SIGTERM,
+    (VLLM_ENABLE_V1_MULTIPROCESSING=1), to leave processes behind; the resume runs the CPU default. (SIGTERM,
     SIGINT and SIGHUP end the engine through the CLI's handler: test_durability.py.)"""
     run = tmp_path / "run"
     args = ["generate", "--seeds", SEEDS, "--teacher", smollm2_dir, "--backend", "vllm", "--out", run,
@@ -93,7 +92,9 @@ def test_sigkill_leaves_no_engine_process_and_the_run_resumes(smollm2_dir, tmp_p
     before = read_jsonl(run / "generated.jsonl")
     assert state["step"] >= 1
 
-    r = cli(*args, "--resume")  # in this process: its engine ends with the run (cli's main)
+    # a process: run in a pytest-xdist worker, an in-process vLLM run closed the worker's capture files and every
+    # later test of that worker errored ("I/O operation on closed file")
+    r = cli(*args, "--resume", process=True)
     assert r.returncode == 0, r.stderr
     records = read_jsonl(run / "generated.jsonl")
     assert records[: len(before)] == before and len({x["id"] for x in records}) == len(records)
