@@ -47,32 +47,32 @@ def grouped_matvec(inputs: Any, weights: Any, indices: Any, dtype: Any) -> Any:
     return out
 
 
+def _put(target: Any, values: Any, add: bool) -> None:
+    """`target += values` or `target = values`, in place (`target` is a view of vLLM's output tensor)."""
+    if add:
+        target += values
+    else:
+        target.copy_(values.expand_as(target))
+
+
 def bgmv_expand(inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
                 add_inputs: bool = True) -> None:
     outputs = grouped_matvec(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    limit = output_tensor.shape[0]
-    if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
-        limit = 1
+    limit = 1 if outputs.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
     common_len = min(outputs.shape[1], output_tensor.shape[1])  # adapter and model may pad differently
-    if add_inputs:
-        output_tensor[:, :common_len] += outputs[:limit, :common_len]
-    else:
-        output_tensor[:, :common_len] = outputs[:limit, :common_len]
+    _put(output_tensor[:, :common_len], outputs[:limit, :common_len], add_inputs)
 
 
 def bgmv_shrink(inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
                 scaling: float = 1.0) -> None:
     outputs = grouped_matvec(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
 
 def bgmv_expand_slice(inputs: Any, lora_b_weights: Any, output_tensor: Any, lora_indices_tensor: Any,
                       slice_offset: int, slice_size: int, add_inputs: bool = True) -> None:
     outputs = grouped_matvec(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    if add_inputs:
-        output_tensor[:, slice_offset: slice_offset + slice_size] += outputs[:]
-    else:
-        output_tensor[:, slice_offset: slice_offset + slice_size] = outputs[:]
+    _put(output_tensor[:, slice_offset: slice_offset + slice_size], outputs, add_inputs)
 
 
 def install() -> str:
