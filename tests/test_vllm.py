@@ -167,16 +167,13 @@ def test_recipe_reaches_its_target_on_the_engine(chat, smollm2_dir, tmp_path, me
 
 
 def test_json_lists_follow_their_schema(chat, tmp_path):
-    """generate.list_format json on the engine: every instruction-list reply is JSON of the schema. Two seeds:
-    a third (seed 1) rambled one string to the schema's maxLength (570 tokens, 40 s of a quiet machine's CPU)
-    and checked nothing the others do not; max_tokens stays above that length so a rambling seed elsewhere
-    still ends as JSON."""
+    """generate.list_format json on the engine: every instruction-list reply is JSON of the schema."""
     from selfinstruct.generate.parse import MAX_INSTRUCTION_CHARS, instructions_schema, parse_instructions_json
 
     reqs = [Request(f"Come up with a series of tasks:\n1. Name a river.\n2. Add two numbers.\n\nContinue the series "
                     f'with up to 5 new tasks. Answer with a JSON object only: {{"instructions": ["a new task"]}} ({i})',
                     Sampling(temperature=0.7, max_tokens=600, seed=i), json_schema=instructions_schema(5))
-            for i in (0, 2)]
+            for i in range(3)]
     for o in chat.generate(reqs):
         items, dropped = parse_instructions_json(o[0].text, o[0].finish_reason == "length")
         assert 1 <= len(items) <= 5 and not [r for _, r in dropped if r == "invalid_json"], o[0].text
